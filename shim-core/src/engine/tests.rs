@@ -1,0 +1,337 @@
+//! Engine and reconciler tests against the in-memory store and the instant test shimlet.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::*;
+use crate::pipeline::StepError;
+use crate::store::RedbStore;
+use crate::testing::InstantShimlet;
+use crate::workload::WorkloadSpec;
+
+fn test_pipeline() -> Pipeline {
+    Pipeline::new("test")
+        .step("apply", |ctx: PipelineContext| async move {
+            let mut workload = WorkloadSpec::new(ctx.service_id(), ctx.generation(), "img");
+            workload.replicas = ctx.spec().replicas();
+            if ctx.spec().model_name == "needs-gpu" {
+                return Err(StepError::blocked(
+                    FailureReason::Unschedulable,
+                    "insufficient GPUs: 1 requested, 0 free",
+                ));
+            }
+            if ctx.spec().model_name == "broken" {
+                return Err(StepError::permanent(
+                    FailureReason::ModelNotFound,
+                    "no such model",
+                ));
+            }
+            ctx.shimlet().apply(&workload).await?;
+            Ok(())
+        })
+        .step("expose", |ctx: PipelineContext| async move {
+            let observed = ctx.shimlet().observe(ctx.service_id()).await?;
+            ctx.set_endpoint(format!(
+                "{}/v1/chat/completions",
+                observed.address.unwrap_or_default()
+            ));
+            Ok(())
+        })
+        .build()
+}
+
+fn config() -> EngineConfig {
+    EngineConfig {
+        gpus: Some(Vec::new()),
+        backoff_base: Duration::from_millis(10),
+        backoff_cap: Duration::from_millis(50),
+        max_restarts: 2,
+        ..EngineConfig::default()
+    }
+}
+
+async fn engine_with(store: Arc<dyn Store>) -> (Engine, Arc<InstantShimlet>) {
+    let slot = Arc::new(Mutex::new(None));
+    let keep = slot.clone();
+    let engine = Engine::builder()
+        .config(config())
+        .store(store)
+        .shimlet_instance(move |ctx| {
+            let shimlet = Arc::new(InstantShimlet::with_notifier(ctx.notifier));
+            *keep.lock().unwrap() = Some(shimlet.clone());
+            shimlet
+        })
+        .pipeline(test_pipeline())
+        .build()
+        .await
+        .unwrap();
+    let shimlet = slot.lock().unwrap().clone().unwrap();
+    (engine, shimlet)
+}
+
+async fn engine() -> (Engine, Arc<InstantShimlet>) {
+    engine_with(Arc::new(MemoryStore::default())).await
+}
+
+/// Waits until the service reaches `phase` (or is gone, for `Deleted`).
+async fn wait_for(engine: &Engine, id: &str, phase: Phase) -> Option<ServiceRecord> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let record = engine.get(id);
+        match &record {
+            None if phase == Phase::Deleted => return None,
+            Some(r) if r.phase == phase => return record,
+            _ => {}
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out waiting for {phase:?}; last: {record:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_deploy_goes_pending_initializing_running_with_every_transition_published() {
+    let (engine, _) = engine().await;
+    let mut events = engine.subscribe();
+    let id = engine.deploy(DeploySpec::named("qwen")).await.unwrap();
+    assert_eq!(id.len(), 8);
+    assert!(
+        id.chars()
+            .all(|c| c.is_ascii_hexdigit() && !c.is_ascii_uppercase())
+    );
+    let running = wait_for(&engine, &id, Phase::Running).await.unwrap();
+    assert_eq!(
+        running.endpoint,
+        format!("http://instant.invalid/{id}/v1/chat/completions")
+    );
+    assert_eq!(running.applied_generation, 1);
+    assert!(
+        running
+            .steps
+            .iter()
+            .all(|s| s.state == crate::StepState::Succeeded),
+        "{:?}",
+        running.steps
+    );
+
+    let mut phases = Vec::new();
+    while phases.last() != Some(&Phase::Running) {
+        if let EventKind::Transition { to, .. } = events.recv().await.unwrap().kind {
+            phases.push(to);
+        }
+    }
+    assert_eq!(
+        phases,
+        [Phase::Pending, Phase::Initializing, Phase::Running]
+    );
+    let history = engine.events(&id, 100).await.unwrap();
+    assert!(
+        history
+            .iter()
+            .any(|e| matches!(&e.kind, EventKind::StepSucceeded { step, .. } if step == "expose"))
+    );
+}
+
+#[tokio::test]
+async fn invalid_specs_are_refused_with_the_field_named() {
+    let (engine, _) = engine().await;
+    let err = engine
+        .deploy(DeploySpec::named("../etc"))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, Error::Invalid(fields) if fields[0].field == "modelName"),
+        "{err}"
+    );
+    assert!(engine.list().is_empty());
+}
+
+#[tokio::test]
+async fn a_crashed_workload_is_repaired_then_failed_once_the_budget_is_spent() {
+    let (engine, shimlet) = engine().await;
+    let id = engine.deploy(DeploySpec::named("qwen")).await.unwrap();
+    wait_for(&engine, &id, Phase::Running).await;
+
+    shimlet.crash(&id, "exit code 3");
+    // Repaired: applied again, running again, and the repair counted.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while shimlet.applies(&id) < 2 {
+        assert!(Instant::now() < deadline);
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let repaired = wait_for(&engine, &id, Phase::Running).await.unwrap();
+    assert_eq!(repaired.restarts, 1);
+
+    shimlet.crash(&id, "exit code 3");
+    while engine.get(&id).unwrap().restarts < 2 {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    wait_for(&engine, &id, Phase::Running).await;
+    shimlet.crash(&id, "exit code 3");
+    let failed = wait_for(&engine, &id, Phase::Failed).await.unwrap();
+    assert_eq!(failed.reason.as_deref(), Some("CrashLoop"));
+    assert!(failed.message.unwrap().contains("exit code 3"));
+    assert_eq!(
+        failed.endpoint, "",
+        "a failed service never shows an endpoint"
+    );
+}
+
+#[tokio::test]
+async fn a_workload_removed_behind_our_back_is_restored() {
+    let (engine, shimlet) = engine().await;
+    let id = engine.deploy(DeploySpec::named("qwen")).await.unwrap();
+    wait_for(&engine, &id, Phase::Running).await;
+    shimlet.vanish(&id);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while shimlet.applies(&id) < 2 {
+        assert!(Instant::now() < deadline, "drift was not repaired");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    wait_for(&engine, &id, Phase::Running).await;
+    let history = engine.events(&id, 100).await.unwrap();
+    assert!(history.iter().any(|e| matches!(&e.kind, EventKind::Transition { reason: Some(r), .. } if r == "WorkloadMissing")));
+}
+
+#[tokio::test]
+async fn a_permanent_step_error_fails_the_service_with_its_reason() {
+    let (engine, _) = engine().await;
+    let id = engine.deploy(DeploySpec::named("broken")).await.unwrap();
+    let failed = wait_for(&engine, &id, Phase::Failed).await.unwrap();
+    assert_eq!(failed.reason.as_deref(), Some("ModelNotFound"));
+    assert!(
+        failed
+            .message
+            .unwrap()
+            .contains("step apply failed: no such model")
+    );
+}
+
+#[tokio::test]
+async fn a_blocked_service_waits_as_pending_with_its_reason() {
+    let (engine, _) = engine().await;
+    let id = engine.deploy(DeploySpec::named("needs-gpu")).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let r = engine.get(&id).unwrap();
+        if r.phase == Phase::Pending && r.reason.as_deref() == Some("Unschedulable") {
+            assert!(r.message.unwrap().contains("insufficient GPUs"));
+            break;
+        }
+        assert!(Instant::now() < deadline);
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    // Unblocked by a new spec.
+    engine.update(&id, DeploySpec::named("qwen")).await.unwrap();
+    let running = wait_for(&engine, &id, Phase::Running).await.unwrap();
+    assert_eq!(running.generation, 2);
+    assert_eq!(running.reason, None);
+}
+
+#[tokio::test]
+async fn delete_goes_through_terminating_to_not_exist_and_keeps_history() {
+    let (engine, shimlet) = engine().await;
+    let id = engine.deploy(DeploySpec::named("qwen")).await.unwrap();
+    wait_for(&engine, &id, Phase::Running).await;
+    engine.delete(&id).await.unwrap();
+    assert_eq!(wait_for(&engine, &id, Phase::Deleted).await, None);
+    assert_eq!(
+        shimlet.observe(&id).await.unwrap().state,
+        WorkloadState::Missing
+    );
+    assert_eq!(
+        engine.history(&id).await.unwrap().unwrap().phase,
+        Phase::Deleted
+    );
+    assert!(matches!(engine.delete(&id).await, Err(Error::NotFound(_))));
+    assert!(matches!(
+        engine.update(&id, DeploySpec::named("x")).await,
+        Err(Error::NotFound(_))
+    ));
+}
+
+#[tokio::test]
+async fn racing_deploy_update_delete_end_in_the_last_accepted_state() {
+    let (engine, shimlet) = engine().await;
+    // Delete last: gone.
+    let a = engine.deploy(DeploySpec::named("qwen")).await.unwrap();
+    engine.update(&a, DeploySpec::named("llama")).await.unwrap();
+    engine.delete(&a).await.unwrap();
+    assert_eq!(wait_for(&engine, &a, Phase::Deleted).await, None);
+    assert_eq!(
+        shimlet.observe(&a).await.unwrap().state,
+        WorkloadState::Missing
+    );
+
+    // Update after delete (accepted while still terminating): running with the update's spec.
+    let b = engine.deploy(DeploySpec::named("qwen")).await.unwrap();
+    engine.delete(&b).await.unwrap();
+    if engine.update(&b, DeploySpec::named("llama")).await.is_ok() {
+        let running = wait_for(&engine, &b, Phase::Running).await.unwrap();
+        assert_eq!(running.spec.model_name, "llama");
+        assert_eq!(running.generation, 3);
+        assert_eq!(
+            shimlet.observe(&b).await.unwrap().state,
+            WorkloadState::Ready
+        );
+    } else {
+        // The teardown won the race before the update arrived: the update was refused, not lost.
+        assert_eq!(wait_for(&engine, &b, Phase::Deleted).await, None);
+    }
+}
+
+#[tokio::test]
+async fn state_survives_an_engine_restart_on_the_file_store() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("state.redb");
+    let id = {
+        let store = Arc::new(RedbStore::open(&path, 50).unwrap());
+        let (engine, _) = engine_with(store).await;
+        let id = engine.deploy(DeploySpec::named("qwen")).await.unwrap();
+        wait_for(&engine, &id, Phase::Running).await;
+        engine.shutdown().await;
+        id
+    };
+    let store = loop {
+        match RedbStore::open(&path, 50) {
+            Ok(store) => break Arc::new(store),
+            Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+        }
+    };
+    let (engine, shimlet) = engine_with(store).await;
+    let restored = engine.get(&id).expect("record reloaded");
+    assert_eq!(restored.spec.model_name, "qwen");
+    // The fresh test runtime has no workload: the reconciler sees drift and restores it.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while shimlet.applies(&id) == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the restored service was never re-applied"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    wait_for(&engine, &id, Phase::Running).await;
+    assert!(engine.events(&id, 100).await.unwrap().len() > 3);
+}
+
+#[tokio::test]
+async fn shutdown_stops_accepting_work() {
+    let (engine, _) = engine().await;
+    engine.shutdown().await;
+    assert!(matches!(
+        engine.deploy(DeploySpec::named("m")).await,
+        Err(Error::ShuttingDown)
+    ));
+}
+
+#[test]
+fn backoff_doubles_up_to_the_cap() {
+    let base = Duration::from_millis(100);
+    let cap = Duration::from_secs(1);
+    let delays: Vec<u64> = (1..=6)
+        .map(|n| backoff(base, cap, n).as_millis() as u64)
+        .collect();
+    assert_eq!(delays, [100, 200, 400, 800, 1000, 1000]);
+}

@@ -1,0 +1,126 @@
+//! Test doubles for embedders and core's own tests. They stand in for a runtime only where no
+//! real one is wanted (unit tests, benchmarks of the engine itself), and say so.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+
+use async_trait::async_trait;
+
+use crate::shimlet::{
+    Failure, ManagedWorkload, Notifier, Removal, Shimlet, ShimletError, WorkloadObservation,
+    WorkloadState,
+};
+use crate::workload::{FailureReason, WorkloadSpec};
+
+/// An in-memory runtime whose workloads are ready the moment they are applied. It runs nothing;
+/// tests use [`InstantShimlet::crash`] and [`InstantShimlet::vanish`] to simulate drift.
+#[derive(Default)]
+pub struct InstantShimlet {
+    workloads: Mutex<HashMap<String, WorkloadObservation>>,
+    notifier: Mutex<Option<Notifier>>,
+    applies: Mutex<HashMap<String, u32>>,
+}
+
+impl std::fmt::Debug for InstantShimlet {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("InstantShimlet")
+    }
+}
+
+impl InstantShimlet {
+    /// A shimlet that tells `notifier` when tests change a workload.
+    pub fn with_notifier(notifier: Notifier) -> Self {
+        let shimlet = Self::default();
+        *shimlet.notifier.lock().expect("lock") = Some(notifier);
+        shimlet
+    }
+
+    /// Marks a workload as exited with `message`.
+    pub fn crash(&self, service_id: &str, message: &str) {
+        if let Some(w) = self.workloads.lock().expect("lock").get_mut(service_id) {
+            w.state = WorkloadState::Failed;
+            w.ready_replicas = 0;
+            w.failure = Some(Failure {
+                reason: FailureReason::Exited,
+                message: message.into(),
+            });
+        }
+        self.notify(service_id);
+    }
+
+    /// Removes a workload behind the engine's back.
+    pub fn vanish(&self, service_id: &str) {
+        self.workloads.lock().expect("lock").remove(service_id);
+        self.notify(service_id);
+    }
+
+    /// How often `apply` ran for a service.
+    pub fn applies(&self, service_id: &str) -> u32 {
+        self.applies
+            .lock()
+            .expect("lock")
+            .get(service_id)
+            .copied()
+            .unwrap_or(0)
+    }
+
+    fn notify(&self, service_id: &str) {
+        if let Some(n) = &*self.notifier.lock().expect("lock") {
+            n.changed(service_id);
+        }
+    }
+}
+
+#[async_trait]
+impl Shimlet for InstantShimlet {
+    async fn apply(&self, workload: &WorkloadSpec) -> Result<(), ShimletError> {
+        *self
+            .applies
+            .lock()
+            .expect("lock")
+            .entry(workload.service_id.clone())
+            .or_default() += 1;
+        let observation = WorkloadObservation {
+            state: WorkloadState::Ready,
+            ready_replicas: workload.replicas,
+            desired_replicas: workload.replicas,
+            address: Some(format!("http://instant.invalid/{}", workload.service_id)),
+            generation: Some(workload.generation),
+            failure: None,
+        };
+        self.workloads
+            .lock()
+            .expect("lock")
+            .insert(workload.service_id.clone(), observation);
+        Ok(())
+    }
+
+    async fn observe(&self, service_id: &str) -> Result<WorkloadObservation, ShimletError> {
+        Ok(self
+            .workloads
+            .lock()
+            .expect("lock")
+            .get(service_id)
+            .cloned()
+            .unwrap_or_else(WorkloadObservation::missing))
+    }
+
+    async fn delete(&self, service_id: &str) -> Result<Removal, ShimletError> {
+        self.workloads.lock().expect("lock").remove(service_id);
+        Ok(Removal::Gone)
+    }
+
+    async fn list(&self) -> Result<Vec<ManagedWorkload>, ShimletError> {
+        Ok(self
+            .workloads
+            .lock()
+            .expect("lock")
+            .iter()
+            .map(|(id, w)| ManagedWorkload {
+                service_id: id.clone(),
+                generation: w.generation,
+                name: id.clone(),
+            })
+            .collect())
+    }
+}
