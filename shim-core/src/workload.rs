@@ -19,8 +19,10 @@ pub struct WorkloadSpec {
     pub model_name: String,
     /// Container image (Docker, Kubernetes).
     pub image: String,
-    /// Program to run (process runtime) or container entrypoint override; empty keeps the image's.
+    /// Program and leading arguments for runtimes that run on the host (the process runtime).
     pub command: Vec<String>,
+    /// Container entrypoint override (Docker, Kubernetes `command`); empty keeps the image's.
+    pub entrypoint: Vec<String>,
     /// Arguments, with placeholders each runtime fills in (see [`WorkloadSpec::render_args`]):
     /// `{host}` (address to bind), `{port}` (port to listen on), `{model_dir}` (model directory
     /// as the engine sees it).
@@ -51,6 +53,7 @@ impl WorkloadSpec {
             model_name: String::new(),
             image: image.into(),
             command: Vec::new(),
+            entrypoint: Vec::new(),
             args: Vec::new(),
             env: BTreeMap::new(),
             port: 8000,

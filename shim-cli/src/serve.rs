@@ -1,0 +1,93 @@
+//! The server command: load config, build the engine on the embedded store, serve HTTP until
+//! SIGTERM/SIGINT, then stop the engine and leave workloads running for re-adoption.
+
+use std::sync::Arc;
+
+use anyhow::Context as _;
+use shim_core::Engine;
+use shim_core::store::RedbStore;
+use tracing_subscriber::EnvFilter;
+
+use crate::ServeArgs;
+use crate::config::{Logging, Settings};
+
+/// Runs the server.
+pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
+    let settings = Settings::load(args.config.as_deref(), args.as_config())?;
+    init_logging(&settings.logging)?;
+    let config = settings.engine_config();
+    std::fs::create_dir_all(&config.data_dir)
+        .with_context(|| format!("cannot create data directory {}", config.data_dir.display()))?;
+    let store_path = config.data_dir.join("state.redb");
+    let store = RedbStore::open(&store_path, config.event_history).with_context(|| {
+        format!(
+            "cannot open the store {} (is another shim using it?)",
+            store_path.display()
+        )
+    })?;
+    let engine = Engine::builder()
+        .config(config)
+        .store(Arc::new(store))
+        .shimlet(settings.plugins.default_shimlet.clone())
+        .pipeline_named(settings.plugins.default_pipeline.clone())
+        .build()
+        .await
+        .context("cannot start the engine")?;
+    let address = format!("{}:{}", settings.service.host, settings.service.port);
+    let listener = tokio::net::TcpListener::bind(&address)
+        .await
+        .with_context(|| format!("cannot listen on {address}"))?;
+    tracing::info!(
+        address = %listener.local_addr()?,
+        shimlet = engine.shimlet_name(),
+        pipeline = engine.pipeline().name(),
+        model_root = %engine.config().model_root.display(),
+        data_dir = %engine.config().data_dir.display(),
+        "model-serve-shim {} listening",
+        env!("CARGO_PKG_VERSION")
+    );
+    let state = shim_server::AppState::new(
+        engine.clone(),
+        shim_server::ServerConfig {
+            auth_token: settings.service.auth_token.clone(),
+            body_limit_bytes: settings.service.body_limit_bytes,
+            ..shim_server::ServerConfig::default()
+        },
+    );
+    shim_server::serve(listener, state, shutdown_signal())
+        .await
+        .context("server failed")?;
+    tracing::info!("shutting down; workloads keep running and are re-adopted on the next start");
+    engine.shutdown().await;
+    Ok(())
+}
+
+fn init_logging(logging: &Logging) -> anyhow::Result<()> {
+    let filter = EnvFilter::try_new(&logging.level)
+        .with_context(|| format!("bad logging.level {:?}", logging.level))?;
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match logging.format.as_str() {
+        "json" => builder.json().init(),
+        "text" => builder.init(),
+        other => anyhow::bail!("bad logging.format {other:?}: expected text or json"),
+    }
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(term) => term,
+        Err(err) => {
+            tracing::warn!(error = %err, "cannot listen for SIGTERM; only Ctrl-C stops the server");
+            let _ = ctrl_c.await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = ctrl_c => tracing::info!("received SIGINT"),
+        _ = term.recv() => tracing::info!("received SIGTERM"),
+    }
+}

@@ -1,0 +1,632 @@
+//! `opensourcellm`: validate → resolve model → render → apply → wait ready → expose, and a
+//! teardown that deletes the workload until the runtime confirms it is gone.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde::Deserialize;
+use shim_core::spec::check_model_dir;
+use shim_core::{
+    FailureReason, HealthProbe, ModelVolume, Pipeline, PipelineContext, PluginSettings, Resources,
+    StepError, StepOptions, ValidationPolicy, WorkloadSpec, WorkloadState,
+};
+
+use crate::presets::{EnginePreset, Presets};
+
+/// Settings under `pipelines.opensourcellm`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct OpenSourceLlmConfig {
+    /// Check that the model directory exists. Turn off when the runtime does not share this
+    /// machine's filesystem (a Kubernetes cluster mounting a PVC).
+    pub check_model_dir: bool,
+    /// Where the model directory appears inside containers.
+    pub container_model_dir: PathBuf,
+    /// Overrides every preset's start-up budget when set.
+    pub startup_timeout_secs: Option<u64>,
+    /// How often readiness is checked while waiting.
+    pub poll_interval_ms: u64,
+    /// Program that offers the `mock-engine` subcommand; default: this executable.
+    pub mock_program: Option<String>,
+}
+
+impl Default for OpenSourceLlmConfig {
+    fn default() -> Self {
+        Self {
+            check_model_dir: true,
+            container_model_dir: PathBuf::from("/models/model"),
+            startup_timeout_secs: None,
+            poll_interval_ms: 250,
+            mock_program: None,
+        }
+    }
+}
+
+struct Setup {
+    config: OpenSourceLlmConfig,
+    presets: Presets,
+    policy: ValidationPolicy,
+    default_engine: String,
+}
+
+/// The preset chosen for a run.
+#[derive(Clone)]
+struct Chosen {
+    name: String,
+    preset: EnginePreset,
+}
+
+/// The model as resolved on disk.
+#[derive(Clone)]
+struct ResolvedModel {
+    dir: PathBuf,
+    /// The single model file, for engines that load one.
+    file: Option<String>,
+}
+
+/// Builds the pipeline from configuration (`pipelines.opensourcellm`, `engines.*`).
+///
+/// # Errors
+/// A message naming the config section that does not fit.
+pub fn build(settings: &PluginSettings) -> Result<Pipeline, String> {
+    let config: OpenSourceLlmConfig = settings.section_as(&["pipelines", "opensourcellm"])?;
+    let mock_program = config.mock_program.clone().unwrap_or_else(|| {
+        std::env::current_exe()
+            .map(|p| p.display().to_string())
+            .unwrap_or_else(|_| "model-serve-shim".into())
+    });
+    let presets = Presets::new(&mock_program, &settings.section(&["engines"]))?;
+    if presets.resolve(&settings.default_engine).is_none() {
+        return Err(format!(
+            "default engine {:?} is not a preset; known: {}",
+            settings.default_engine,
+            presets.names().join(", ")
+        ));
+    }
+    let setup = Arc::new(Setup {
+        config,
+        presets,
+        policy: settings.policy.clone(),
+        default_engine: settings.default_engine.clone(),
+    });
+    // Waiting is bounded by the preset's start-up budget inside the step; the step timeout is
+    // only a backstop above the largest budget.
+    let wait_options = StepOptions {
+        retries: 0,
+        timeout: Duration::from_secs(7 * 24 * 3600),
+        ..StepOptions::default()
+    };
+    let quick = StepOptions {
+        retries: 0,
+        timeout: Duration::from_secs(60),
+        ..StepOptions::default()
+    };
+    let apply_options = StepOptions {
+        retries: 3,
+        timeout: Duration::from_secs(600),
+        ..StepOptions::default()
+    };
+    let s = |setup: &Arc<Setup>| setup.clone();
+    let (a, b, c, d) = (s(&setup), s(&setup), s(&setup), s(&setup));
+    Ok(Pipeline::new("opensourcellm")
+        .defaults(quick)
+        .step("validate", move |ctx| validate(a.clone(), ctx))
+        .step("resolve_model", move |ctx| resolve_model(b.clone(), ctx))
+        .step("render", move |ctx| render(c.clone(), ctx))
+        .step_with("apply", apply_options, apply)
+        .achieved_when(already_applied)
+        .step_with("wait_ready", wait_options, move |ctx| {
+            wait_ready(d.clone(), ctx)
+        })
+        .step("expose", expose)
+        .teardown_step("delete", shim_core::pipeline::delete_until_gone)
+        .build())
+}
+
+async fn validate(setup: Arc<Setup>, ctx: PipelineContext) -> Result<(), StepError> {
+    let spec = ctx.spec();
+    // Checked again here: the config may have changed since the request was accepted.
+    spec.validate(&setup.policy).map_err(|errors| {
+        StepError::permanent(
+            FailureReason::InvalidSpec,
+            shim_core::FieldError::join(&errors),
+        )
+    })?;
+    let wanted = spec
+        .engine
+        .clone()
+        .unwrap_or_else(|| setup.default_engine.clone());
+    let Some((name, preset)) = setup.presets.resolve(&wanted) else {
+        return Err(StepError::permanent(
+            FailureReason::UnknownEngine,
+            format!(
+                "engine {wanted:?} is not a preset; known: {}",
+                setup.presets.names().join(", ")
+            ),
+        ));
+    };
+    ctx.report(format!("engine preset {name}"));
+    ctx.put(Chosen {
+        name: name.to_string(),
+        preset: preset.clone(),
+    });
+    Ok(())
+}
+
+async fn resolve_model(setup: Arc<Setup>, ctx: PipelineContext) -> Result<(), StepError> {
+    let chosen = ctx.get::<Chosen>().ok_or_else(missing_step)?;
+    let dir = ctx.spec().model_dir(&setup.policy);
+    if !setup.config.check_model_dir {
+        ctx.put(ResolvedModel { dir, file: None });
+        return Ok(());
+    }
+    let not_found = |what: String| StepError::permanent(FailureReason::ModelNotFound, what);
+    let real = tokio::fs::canonicalize(&dir)
+        .await
+        .map_err(|e| not_found(format!("model directory {} not found: {e}", dir.display())))?;
+    // A symlink inside the model root must not lead outside the allowed roots.
+    let roots = ValidationPolicy {
+        model_root: canonical_or_same(&setup.policy.model_root),
+        allowed_model_dirs: setup
+            .policy
+            .allowed_model_dirs
+            .iter()
+            .map(|d| canonical_or_same(d))
+            .collect(),
+        ..setup.policy.clone()
+    };
+    check_model_dir(&real, &roots)
+        .map_err(|e| StepError::permanent(FailureReason::InvalidSpec, e))?;
+    if !real.is_dir() {
+        return Err(not_found(format!("{} is not a directory", real.display())));
+    }
+    let file = match &chosen.preset.model_file_extension {
+        None => None,
+        Some(ext) => Some(single_file(&real, ext).await?),
+    };
+    ctx.report(match &file {
+        Some(f) => format!("model file {}/{f}", real.display()),
+        None => format!("model directory {}", real.display()),
+    });
+    ctx.put(ResolvedModel { dir: real, file });
+    Ok(())
+}
+
+fn canonical_or_same(path: &Path) -> PathBuf {
+    std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf())
+}
+
+/// The one file with extension `ext` in `dir`; none or several is a clear error.
+async fn single_file(dir: &Path, ext: &str) -> Result<String, StepError> {
+    let mut entries = tokio::fs::read_dir(dir).await.map_err(|e| {
+        StepError::permanent(
+            FailureReason::ModelNotFound,
+            format!("cannot read {}: {e}", dir.display()),
+        )
+    })?;
+    let mut found = Vec::new();
+    while let Ok(Some(entry)) = entries.next_entry().await {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if Path::new(&name).extension().and_then(|e| e.to_str()) == Some(ext) {
+            found.push(name);
+        }
+    }
+    found.sort();
+    match found.len() {
+        1 => Ok(found.remove(0)),
+        0 => Err(StepError::permanent(
+            FailureReason::ModelNotFound,
+            format!("model directory {} has no .{ext} file", dir.display()),
+        )),
+        _ => Err(StepError::permanent(
+            FailureReason::InvalidSpec,
+            format!(
+                "model directory {} has {} .{ext} files ({}); keep exactly one",
+                dir.display(),
+                found.len(),
+                found.join(", ")
+            ),
+        )),
+    }
+}
+
+async fn render(setup: Arc<Setup>, ctx: PipelineContext) -> Result<(), StepError> {
+    let chosen = ctx.get::<Chosen>().ok_or_else(missing_step)?;
+    let model = ctx.get::<ResolvedModel>().ok_or_else(missing_step)?;
+    let workload = render_workload(&setup, &ctx, &chosen, &model);
+    ctx.report(format!(
+        "{} replica(s) of {}",
+        workload.replicas, chosen.name
+    ));
+    ctx.put(workload);
+    Ok(())
+}
+
+fn render_workload(
+    setup: &Setup,
+    ctx: &PipelineContext,
+    chosen: &Chosen,
+    model: &ResolvedModel,
+) -> WorkloadSpec {
+    let spec = ctx.spec();
+    let preset = &chosen.preset;
+    let model_file = match &model.file {
+        Some(file) => format!("{{model_dir}}/{file}"),
+        None => "{model_dir}".to_string(),
+    };
+    let mut args: Vec<String> = preset
+        .args
+        .iter()
+        .map(|a| {
+            a.replace("{served_name}", &spec.model_name)
+                .replace("{model_file}", &model_file)
+        })
+        .collect();
+    let accelerators = spec.accelerators();
+    if let (Some(flag), true) = (&preset.accelerator_flag, accelerators >= 1) {
+        args.extend([flag.clone(), accelerators.to_string()]);
+    }
+    if let (Some(flag), Some(len)) = (&preset.context_length_flag, spec.context_length) {
+        args.extend([flag.clone(), len.to_string()]);
+    }
+    args.extend(preset.extra_args.iter().cloned());
+    let mut env = preset.env.clone();
+    env.extend(spec.env.iter().map(|v| (v.key.clone(), v.value.clone())));
+    let startup = setup
+        .config
+        .startup_timeout_secs
+        .unwrap_or(preset.startup_timeout_secs);
+    let resources = spec.resource_requirements.clone().unwrap_or_default();
+    let mut workload = WorkloadSpec::new(ctx.service_id(), ctx.generation(), preset.image.clone());
+    workload.model_name = spec.model_name.clone();
+    workload.command = preset.command.clone();
+    workload.entrypoint = preset.entrypoint.clone();
+    workload.args = args;
+    workload.env = env;
+    workload.port = preset.port;
+    workload.resources = Resources {
+        cpu: resources.cpu,
+        memory: resources.memory,
+        accelerators,
+        accelerator_type: resources.accelerator_type,
+    };
+    workload.model = Some(ModelVolume {
+        host_path: model.dir.clone(),
+        mount_path: setup.config.container_model_dir.clone(),
+    });
+    workload.health = HealthProbe {
+        path: preset.health_path.clone(),
+        period: Duration::from_millis(setup.config.poll_interval_ms),
+        startup_timeout: Duration::from_secs(startup),
+    };
+    workload.replicas = spec.replicas();
+    workload
+        .labels
+        .insert("xmod-shim/engine".into(), chosen.name.clone());
+    workload
+}
+
+async fn apply(ctx: PipelineContext) -> Result<(), StepError> {
+    let workload = ctx.get::<WorkloadSpec>().ok_or_else(missing_step)?;
+    ctx.shimlet().apply(&workload).await?;
+    Ok(())
+}
+
+/// The apply step's goal already holds when the runtime runs this generation and it is ready
+/// (a restart or resync re-runs the pipeline without touching the workload).
+async fn already_applied(ctx: PipelineContext) -> bool {
+    match ctx.shimlet().observe(ctx.service_id()).await {
+        Ok(seen) => seen.state == WorkloadState::Ready && seen.generation == Some(ctx.generation()),
+        Err(_) => false,
+    }
+}
+
+async fn wait_ready(setup: Arc<Setup>, ctx: PipelineContext) -> Result<(), StepError> {
+    let workload = ctx.get::<WorkloadSpec>().ok_or_else(missing_step)?;
+    let budget = workload.health.startup_timeout;
+    let started = Instant::now();
+    let poll = Duration::from_millis(setup.config.poll_interval_ms.max(10));
+    let mut last_report = String::new();
+    loop {
+        let seen = ctx.shimlet().observe(ctx.service_id()).await?;
+        let waited = started.elapsed().as_secs();
+        let report = match seen.state {
+            WorkloadState::Ready => return Ok(()),
+            WorkloadState::Failed => {
+                let failure = seen.failure.unwrap_or(shim_core::shimlet::Failure {
+                    reason: FailureReason::RuntimeError,
+                    message: "the workload failed".into(),
+                });
+                return Err(StepError::permanent(failure.reason, failure.message));
+            }
+            WorkloadState::Pending => {
+                let why = seen
+                    .failure
+                    .map(|f| f.message)
+                    .unwrap_or_else(|| "waiting for resources".into());
+                format!("pending: {why}")
+            }
+            WorkloadState::Starting | WorkloadState::Missing => {
+                format!(
+                    "{}/{} replicas ready after {waited} s (loading the model)",
+                    seen.ready_replicas, workload.replicas
+                )
+            }
+        };
+        if report != last_report {
+            ctx.report(report.clone());
+            last_report = report;
+        }
+        if started.elapsed() >= budget {
+            return Err(StepError::permanent(
+                FailureReason::StartupTimeout,
+                format!(
+                    "not ready after {} s (start-up budget); last: {last_report}",
+                    budget.as_secs()
+                ),
+            ));
+        }
+        tokio::time::sleep(poll).await;
+    }
+}
+
+async fn expose(ctx: PipelineContext) -> Result<(), StepError> {
+    let seen = ctx.shimlet().observe(ctx.service_id()).await?;
+    match seen.address {
+        Some(address) => {
+            let endpoint = format!("{}/v1/chat/completions", address.trim_end_matches('/'));
+            ctx.report(endpoint.clone());
+            ctx.set_endpoint(endpoint);
+        }
+        None => ctx.report("no replicas: no endpoint"),
+    }
+    Ok(())
+}
+
+fn missing_step() -> StepError {
+    StepError::permanent(
+        FailureReason::Internal,
+        "an earlier step did not record its result",
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+
+    use shim_core::pipeline::PipelineObserver;
+    use shim_core::testing::InstantShimlet;
+    use shim_core::{DeploySpec, EngineConfig, EventKind, Shimlet, StepProgress};
+
+    use super::*;
+
+    struct Quiet;
+    impl PipelineObserver for Quiet {
+        fn on_change(&self, _: &[StepProgress], _: EventKind) {}
+    }
+
+    struct Setup {
+        _root: tempfile::TempDir,
+        settings: PluginSettings,
+        shimlet: Arc<InstantShimlet>,
+    }
+
+    fn setup(engines: serde_json::Value) -> Setup {
+        let root = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(root.path().join("qwen")).unwrap();
+        std::fs::create_dir_all(root.path().join("tiny")).unwrap();
+        std::fs::write(root.path().join("tiny/model.gguf"), b"GGUF").unwrap();
+        std::fs::create_dir_all(root.path().join("two")).unwrap();
+        std::fs::write(root.path().join("two/a.gguf"), b"").unwrap();
+        std::fs::write(root.path().join("two/b.gguf"), b"").unwrap();
+        let config = EngineConfig {
+            model_root: root.path().to_path_buf(),
+            plugins: Arc::new(serde_json::json!({ "engines": engines })),
+            ..EngineConfig::default()
+        };
+        Setup {
+            settings: config.plugin_settings(),
+            _root: root,
+            shimlet: Arc::new(InstantShimlet::default()),
+        }
+    }
+
+    async fn run(
+        setup: &Setup,
+        spec: DeploySpec,
+    ) -> (
+        Result<(), shim_core::pipeline::StepFailure>,
+        PipelineContext,
+    ) {
+        let pipeline = build(&setup.settings).unwrap();
+        let ctx = PipelineContext::new("abcd0001", 1, spec, setup.shimlet.clone(), Arc::new(Quiet));
+        (pipeline.run(&ctx).await, ctx)
+    }
+
+    #[tokio::test]
+    async fn renders_vllm_args_from_the_clients_fields_and_exposes_the_endpoint() {
+        let s = setup(serde_json::json!({}));
+        let spec: DeploySpec = serde_json::from_value(serde_json::json!({
+            "modelName": "qwen", "replicaCount": 2, "contextLength": 4096,
+            "resourceRequirements": { "acceleratorCount": 2, "cpu": "4", "memory": "16Gi" },
+            "env": [{ "key": "HF_HOME", "value": "/cache" }]
+        }))
+        .unwrap();
+        let (result, ctx) = run(&s, spec).await;
+        result.unwrap();
+        let w = ctx.get::<WorkloadSpec>().unwrap();
+        assert_eq!(w.command, ["vllm", "serve"]);
+        assert_eq!(
+            w.args,
+            [
+                "{model_dir}",
+                "--host",
+                "{host}",
+                "--port",
+                "{port}",
+                "--served-model-name",
+                "qwen",
+                "--tensor-parallel-size",
+                "2",
+                "--max-model-len",
+                "4096"
+            ]
+        );
+        assert_eq!(w.replicas, 2);
+        assert_eq!(w.resources.accelerators, 2);
+        assert_eq!(w.env["HF_HOME"], "/cache");
+        assert_eq!(w.image, "vllm/vllm-openai:latest");
+        assert!(w.model.unwrap().host_path.ends_with("qwen"));
+        assert_eq!(
+            ctx.endpoint().unwrap(),
+            "http://instant.invalid/abcd0001/v1/chat/completions"
+        );
+        assert_eq!(s.shimlet.applies("abcd0001"), 1);
+    }
+
+    #[tokio::test]
+    async fn no_accelerators_means_no_tensor_parallel_flag() {
+        let s = setup(serde_json::json!({}));
+        let (result, ctx) = run(&s, DeploySpec::named("qwen")).await;
+        result.unwrap();
+        let w = ctx.get::<WorkloadSpec>().unwrap();
+        assert!(!w.args.contains(&"--tensor-parallel-size".to_string()));
+        assert!(!w.args.contains(&"--max-model-len".to_string()));
+    }
+
+    #[tokio::test]
+    async fn a_missing_model_directory_fails_resolve_with_model_not_found() {
+        let s = setup(serde_json::json!({}));
+        let (result, _) = run(&s, DeploySpec::named("absent")).await;
+        let failure = result.unwrap_err();
+        assert_eq!(failure.step, "resolve_model");
+        assert_eq!(failure.error.reason, FailureReason::ModelNotFound);
+    }
+
+    #[tokio::test]
+    async fn an_unknown_engine_names_the_known_presets() {
+        let s = setup(serde_json::json!({}));
+        let spec = DeploySpec {
+            engine: Some("tgi".into()),
+            ..DeploySpec::named("qwen")
+        };
+        let failure = run(&s, spec).await.0.unwrap_err();
+        assert_eq!(failure.step, "validate");
+        assert!(
+            failure
+                .error
+                .message
+                .contains("known: llama-cpp-python, llamacpp, mock, sglang, vllm"),
+            "{}",
+            failure.error.message
+        );
+    }
+
+    #[tokio::test]
+    async fn gguf_engines_need_exactly_one_model_file() {
+        let s = setup(serde_json::json!({ "llamacpp": { "command": ["/bin/sh"] } }));
+        let spec = |name: &str| DeploySpec {
+            engine: Some("llamacpp".into()),
+            context_length: Some(512),
+            ..DeploySpec::named(name)
+        };
+        let (result, ctx) = run(&s, spec("tiny")).await;
+        result.unwrap();
+        let w = ctx.get::<WorkloadSpec>().unwrap();
+        assert_eq!(&w.args[..2], ["-m", "{model_dir}/model.gguf"]);
+        assert!(w.args.windows(2).any(|p| p == ["--alias", "tiny"]));
+        assert!(w.args.windows(2).any(|p| p == ["-c", "512"]));
+
+        let none = run(&s, spec("qwen")).await.0.unwrap_err();
+        assert!(
+            none.error.message.contains("has no .gguf file"),
+            "{}",
+            none.error.message
+        );
+        let two = run(&s, spec("two")).await.0.unwrap_err();
+        assert!(
+            two.error
+                .message
+                .contains("has 2 .gguf files (a.gguf, b.gguf)"),
+            "{}",
+            two.error.message
+        );
+    }
+
+    #[tokio::test]
+    async fn a_symlink_cannot_lead_out_of_the_model_root() {
+        let s = setup(serde_json::json!({}));
+        let outside = tempfile::tempdir().unwrap();
+        std::os::unix::fs::symlink(outside.path(), s.settings.policy.model_root.join("escape"))
+            .unwrap();
+        let failure = run(&s, DeploySpec::named("escape")).await.0.unwrap_err();
+        assert_eq!(failure.error.reason, FailureReason::InvalidSpec);
+        assert!(
+            failure
+                .error
+                .message
+                .contains("outside the allowed model roots"),
+            "{}",
+            failure.error.message
+        );
+    }
+
+    #[tokio::test]
+    async fn apply_is_skipped_when_the_runtime_already_runs_this_generation() {
+        let s = setup(serde_json::json!({}));
+        run(&s, DeploySpec::named("qwen")).await.0.unwrap();
+        run(&s, DeploySpec::named("qwen")).await.0.unwrap();
+        assert_eq!(
+            s.shimlet.applies("abcd0001"),
+            1,
+            "second run found the goal achieved"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_failed_workload_fails_wait_ready_with_the_runtimes_words() {
+        struct Failing(Mutex<()>);
+        #[async_trait::async_trait]
+        impl Shimlet for Failing {
+            async fn apply(&self, _: &WorkloadSpec) -> Result<(), shim_core::ShimletError> {
+                Ok(())
+            }
+            async fn observe(
+                &self,
+                _: &str,
+            ) -> Result<shim_core::WorkloadObservation, shim_core::ShimletError> {
+                let _guard = self.0.lock();
+                Ok(shim_core::WorkloadObservation {
+                    state: WorkloadState::Failed,
+                    failure: Some(shim_core::shimlet::Failure {
+                        reason: FailureReason::Exited,
+                        message: "exit code 1: error loading model".into(),
+                    }),
+                    ..shim_core::WorkloadObservation::missing()
+                })
+            }
+            async fn delete(&self, _: &str) -> Result<shim_core::Removal, shim_core::ShimletError> {
+                Ok(shim_core::Removal::Gone)
+            }
+            async fn list(
+                &self,
+            ) -> Result<Vec<shim_core::ManagedWorkload>, shim_core::ShimletError> {
+                Ok(vec![])
+            }
+        }
+        let s = setup(serde_json::json!({}));
+        let pipeline = build(&s.settings).unwrap();
+        let ctx = PipelineContext::new(
+            "x",
+            1,
+            DeploySpec::named("qwen"),
+            Arc::new(Failing(Mutex::new(()))),
+            Arc::new(Quiet),
+        );
+        let failure = pipeline.run(&ctx).await.unwrap_err();
+        assert_eq!(failure.step, "wait_ready");
+        assert_eq!(failure.error.reason, FailureReason::Exited);
+        assert!(failure.error.message.contains("error loading model"));
+    }
+}
