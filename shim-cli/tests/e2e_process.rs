@@ -1,232 +1,14 @@
 //! End to end on one machine: the real `model-serve-shim` binary, the process runtime, the
 //! built-in mock engine as real child processes, real HTTP and the real file store.
 
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+mod common;
+
+use std::path::PathBuf;
+use std::process::Command;
 use std::time::{Duration, Instant};
 
-use serde_json::{Value, json};
-
-const BIN: &str = env!("CARGO_BIN_EXE_model-serve-shim");
-
-/// A running shim; killed on drop so a failing test leaves nothing behind.
-struct Shim {
-    child: Child,
-    base: String,
-}
-
-impl Shim {
-    fn start(data: &Path, models: &Path, port: u16) -> Shim {
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(data.join("shim.log"))
-            .unwrap();
-        let child = Command::new(BIN)
-            .args([
-                "--port",
-                &port.to_string(),
-                "--host",
-                "127.0.0.1",
-                "--default-engine",
-                "mock",
-            ])
-            .arg("--data-dir")
-            .arg(data)
-            .arg("--model-root")
-            .arg(models)
-            .env("XMOD_SHIM_ENGINE__RESYNCINTERVALSECS", "2")
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .expect("start model-serve-shim");
-        let shim = Shim {
-            child,
-            base: format!("http://127.0.0.1:{port}"),
-        };
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while get(&format!("{}/healthz", shim.base)).is_err() {
-            assert!(
-                Instant::now() < deadline,
-                "shim did not come up; log:\n{}",
-                read_log(data)
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        shim
-    }
-
-    /// SIGTERM and wait: a graceful stop that leaves the engines running.
-    fn stop(mut self) {
-        Command::new("kill")
-            .arg("-TERM")
-            .arg(self.child.id().to_string())
-            .status()
-            .unwrap();
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while self.child.try_wait().unwrap().is_none() {
-            assert!(Instant::now() < deadline, "shim did not stop on SIGTERM");
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-
-    fn url(&self, path: &str) -> String {
-        format!("{}{path}", self.base)
-    }
-}
-
-impl Drop for Shim {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn read_log(data: &Path) -> String {
-    std::fs::read_to_string(data.join("shim.log")).unwrap_or_default()
-}
-
-fn client() -> reqwest::blocking::Client {
-    reqwest::blocking::Client::builder()
-        .timeout(Duration::from_secs(30))
-        .build()
-        .unwrap()
-}
-
-fn get(url: &str) -> reqwest::Result<Value> {
-    client().get(url).send()?.json()
-}
-
-/// Sends exactly what the real client sends: JSON with a charset parameter.
-fn send(method: reqwest::Method, url: &str, body: Option<Value>) -> Value {
-    let mut request = client().request(method, url);
-    if let Some(body) = body {
-        request = request
-            .header("Content-Type", "application/json;charset=utf-8")
-            .body(body.to_string());
-    }
-    request.send().unwrap().json().unwrap()
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// Polls a service until `done` holds for its status data; returns every status word seen.
-fn wait_status(
-    shim: &Shim,
-    id: &str,
-    secs: u64,
-    done: impl Fn(&Value) -> bool,
-) -> (Value, Vec<String>) {
-    let deadline = Instant::now() + Duration::from_secs(secs);
-    let mut seen: Vec<String> = Vec::new();
-    loop {
-        let envelope = get(&shim.url(&format!("/api/v1/modserv/{id}"))).unwrap();
-        assert_eq!(envelope["code"], 0, "{envelope}");
-        let data = envelope["data"].clone();
-        let word = data["status"].as_str().unwrap().to_string();
-        assert!(
-            [
-                "pending",
-                "initializing",
-                "running",
-                "failed",
-                "terminating",
-                "notExist"
-            ]
-            .contains(&word.as_str()),
-            "not one of the client's six words: {word}"
-        );
-        if word != "running" {
-            assert_eq!(
-                data["endpoint"], "",
-                "endpoint must be empty until running: {data}"
-            );
-        }
-        if seen.last() != Some(&word) {
-            seen.push(word);
-        }
-        if done(&data) {
-            return (data, seen);
-        }
-        assert!(
-            Instant::now() < deadline,
-            "timed out; last status {data}; seen {seen:?}"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
-fn chat(endpoint: &str, model: &str) -> Value {
-    let response = client()
-        .post(endpoint)
-        .json(&json!({ "model": model, "messages": [{ "role": "user", "content": "hello" }], "max_tokens": 8 }))
-        .send()
-        .unwrap();
-    assert!(
-        response.status().is_success(),
-        "chat failed: {}",
-        response.status()
-    );
-    response.json().unwrap()
-}
-
-/// Pids of mock engines listening on `port` (found by their command line).
-fn engine_pids(port: u16) -> Vec<u32> {
-    let mut pids = Vec::new();
-    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
-        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
-            continue;
-        };
-        let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else {
-            continue;
-        };
-        let args: Vec<String> = cmdline
-            .split(|b| *b == 0)
-            .map(|a| String::from_utf8_lossy(a).into_owned())
-            .collect();
-        let is_engine = args.iter().any(|a| a == "mock-engine");
-        let on_port = args
-            .windows(2)
-            .any(|w| w[0] == "--port" && w[1] == port.to_string());
-        if is_engine && on_port {
-            pids.push(pid);
-        }
-    }
-    pids
-}
-
-fn port_of(endpoint: &str) -> u16 {
-    let url = reqwest::Url::parse(endpoint).unwrap();
-    url.port().unwrap()
-}
-
-fn alive(pid: u32) -> bool {
-    // A zombie has exited; only its entry remains until reaped.
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .map(|s| {
-            !s.rsplit_once(')')
-                .map(|(_, rest)| rest.trim_start().starts_with('Z'))
-                .unwrap_or(false)
-        })
-        .unwrap_or(false)
-}
-
-fn deploy(shim: &Shim, body: Value) -> String {
-    let envelope = send(
-        reqwest::Method::POST,
-        &shim.url("/api/v1/modserv/deploy"),
-        Some(body),
-    );
-    assert_eq!(envelope["code"], 0, "{envelope}");
-    envelope["data"]["serviceId"].as_str().unwrap().to_string()
-}
+use common::*;
+use serde_json::json;
 
 #[test]
 fn deploy_run_repair_restart_and_delete_two_mock_services_through_processes() {
@@ -414,7 +196,8 @@ fn the_cli_deploys_with_wait_lists_and_deletes() {
     let data = dir.path().join("data");
     let models = dir.path().join("models");
     std::fs::create_dir_all(models.join("gamma")).unwrap();
-    let shim = Shim::start(&data, &models, free_port());
+    let port = free_port();
+    let shim = Shim::start(&data, &models, port);
     let cli = |args: &[&str]| {
         let out = Command::new(BIN)
             .args(args)
@@ -454,6 +237,29 @@ fn the_cli_deploys_with_wait_lists_and_deletes() {
         err.contains("wait_ready") || err.contains("running"),
         "progress was shown: {err}"
     );
+
+    // kill -9 the shim: nothing accepted is lost, and the running engine is adopted again.
+    let mut shim = shim;
+    shim.child.kill().unwrap();
+    shim.child.wait().unwrap();
+    drop(shim);
+    let shim = Shim::start(&data, &models, port);
+    let cli = |args: &[&str]| {
+        let out = Command::new(BIN)
+            .args(args)
+            .env("XMOD_SHIM_SERVER", &shim.base)
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    wait_status(&shim, &id, 30, |d| {
+        d["status"] == "running" && d["endpoint"] == endpoint.as_str()
+    });
+    chat(&endpoint, "gamma");
 
     let (ok, out, _) = cli(&["list"]);
     assert!(ok && out.contains(&id) && out.contains("running"), "{out}");

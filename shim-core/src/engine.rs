@@ -525,6 +525,7 @@ impl Engine {
     }
 
     fn emit(&self, record: &ServiceRecord, kind: EventKind) {
+        log_event(&record.id, record.generation, &kind);
         let event = Event {
             time: Utc::now(),
             service_id: record.id.clone(),
@@ -984,6 +985,38 @@ impl Engine {
             self.inner.shimlet.clone(),
             observer,
         )
+    }
+}
+
+/// Every event also goes to the log, so an operator tailing it sees each long wait progress.
+fn log_event(id: &str, generation: u64, kind: &EventKind) {
+    match kind {
+        EventKind::Transition { from, to, reason, message, .. } => tracing::info!(
+            service_id = id,
+            generation,
+            from = from.map(|p| p.to_string()),
+            to = %to,
+            reason = reason.as_deref(),
+            message = message.as_deref(),
+            "service {id} is now {}",
+            to.wire_word()
+        ),
+        EventKind::StepProgress { step, message } => {
+            tracing::info!(service_id = id, generation, step = step.as_str(), "{message}")
+        }
+        EventKind::StepRetrying { step, attempt, error, delay_ms } => tracing::warn!(
+            service_id = id,
+            generation,
+            step = step.as_str(),
+            attempt,
+            delay_ms,
+            "step failed, retrying: {error}"
+        ),
+        EventKind::StepFailed { step, error } => {
+            tracing::warn!(service_id = id, generation, step = step.as_str(), "step failed: {error}")
+        }
+        EventKind::Observed { message, .. } => tracing::warn!(service_id = id, generation, "runtime: {message}"),
+        other => tracing::debug!(service_id = id, generation, event = ?other),
     }
 }
 

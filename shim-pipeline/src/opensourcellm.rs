@@ -327,10 +327,15 @@ async fn wait_ready(setup: Arc<Setup>, ctx: PipelineContext) -> Result<(), StepE
     let budget = workload.health.startup_timeout;
     let started = Instant::now();
     let poll = Duration::from_millis(setup.config.poll_interval_ms.max(10));
-    let mut last_report = String::new();
+    // Report on every change of state, and every 10 s while nothing changes, so a long load is
+    // visible in the API, the event history and the logs without flooding them.
+    let mut last_report;
+    let mut last_key = None;
+    let mut reported_at = Instant::now();
     loop {
         let seen = ctx.shimlet().observe(ctx.service_id()).await?;
         let waited = started.elapsed().as_secs();
+        let key = (seen.state, seen.ready_replicas);
         let report = match seen.state {
             WorkloadState::Ready => return Ok(()),
             WorkloadState::Failed => {
@@ -341,30 +346,23 @@ async fn wait_ready(setup: Arc<Setup>, ctx: PipelineContext) -> Result<(), StepE
                 return Err(StepError::permanent(failure.reason, failure.message));
             }
             WorkloadState::Pending => {
-                let why = seen
-                    .failure
-                    .map(|f| f.message)
-                    .unwrap_or_else(|| "waiting for resources".into());
+                let why = seen.failure.map(|f| f.message).unwrap_or_else(|| "waiting for resources".into());
                 format!("pending: {why}")
             }
             WorkloadState::Starting | WorkloadState::Missing => {
-                format!(
-                    "{}/{} replicas ready after {waited} s (loading the model)",
-                    seen.ready_replicas, workload.replicas
-                )
+                format!("{}/{} replicas ready after {waited} s (loading the model)", seen.ready_replicas, workload.replicas)
             }
         };
-        if report != last_report {
+        if last_key != Some(key) || reported_at.elapsed() >= Duration::from_secs(10) {
             ctx.report(report.clone());
-            last_report = report;
+            last_key = Some(key);
+            reported_at = Instant::now();
         }
+        last_report = report;
         if started.elapsed() >= budget {
             return Err(StepError::permanent(
                 FailureReason::StartupTimeout,
-                format!(
-                    "not ready after {} s (start-up budget); last: {last_report}",
-                    budget.as_secs()
-                ),
+                format!("not ready after {} s (start-up budget); last: {last_report}", budget.as_secs()),
             ));
         }
         tokio::time::sleep(poll).await;

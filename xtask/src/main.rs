@@ -1,8 +1,11 @@
 //! Project automation: `cargo xtask <task>`.
 //!
-//! - `ci`: formatting, clippy with warnings denied, and every test (what `.ci/run` runs).
+//! - `ci`: formatting, clippy with warnings denied, the llama.cpp test environment, and every
+//!   test (what `.ci/run` runs).
 //! - `bench`: the engine and status-API benchmark; prints figures.
 //! - `docker-image`: builds the mock engine's image locally (no registry needed).
+//! - `llama-env`: creates (or reuses) the Python virtualenv with llama-cpp-python's server and
+//!   the `gguf` package, and prints its interpreter.
 //! - `tiny-model <dir>`: writes a tiny random-weight llama GGUF model for real-engine tests.
 
 use std::path::{Path, PathBuf};
@@ -16,8 +19,13 @@ fn main() -> anyhow::Result<()> {
     match task {
         "ci" => ci(),
         "bench" => bench(&args[1..]),
+        "llama-env" => llama_env().map(|python| println!("{}", python.display())),
+        "tiny-model" => {
+            let dir = args.get(1).context("usage: cargo xtask tiny-model DIR")?;
+            tiny_model(Path::new(dir))
+        }
         "help" | "--help" | "-h" => {
-            println!("usage: cargo xtask <ci | bench | docker-image | tiny-model DIR>");
+            println!("usage: cargo xtask <ci | bench | docker-image | llama-env | tiny-model DIR>");
             Ok(())
         }
         other => bail!("unknown task {other:?}; try `cargo xtask help`"),
@@ -64,4 +72,60 @@ fn bench(extra: &[String]) -> anyhow::Result<()> {
     let mut args = vec!["bench", "-p", "shim-cli", "--bench", "engine", "--"];
     args.extend(extra.iter().map(String::as_str));
     cargo(&args)
+}
+
+/// Versions installed into the llama.cpp virtualenv (pinned so CI builds what was tested).
+const LLAMA_PACKAGES: &[&str] = &["llama-cpp-python[server]==0.3.36", "gguf", "numpy"];
+
+/// The virtualenv for real-engine tests: `XMOD_SHIM_LLAMA_VENV`, else a per-user cache directory
+/// outside the checkout, so fresh clones on one machine share the 5-minute llama.cpp build.
+pub fn llama_venv() -> PathBuf {
+    if let Some(dir) = std::env::var_os("XMOD_SHIM_LLAMA_VENV") {
+        return PathBuf::from(dir);
+    }
+    let cache = std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
+        .unwrap_or_else(|| PathBuf::from("/tmp"));
+    cache.join("xmod-shim").join("venv-llamacpp")
+}
+
+/// Creates or reuses the virtualenv; returns its python.
+fn llama_env() -> anyhow::Result<PathBuf> {
+    let venv = llama_venv();
+    let python = venv.join("bin").join("python3");
+    let ready = |python: &Path| {
+        Command::new(python)
+            .args(["-c", "import llama_cpp.server, gguf, numpy"])
+            .stderr(std::process::Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    };
+    if ready(&python) {
+        eprintln!("reusing {}", venv.display());
+        return Ok(python);
+    }
+    eprintln!("creating {} (building llama.cpp takes about 5 minutes on 2 cores)", venv.display());
+    let system_python = std::env::var("PYTHON").unwrap_or_else(|_| "python3".into());
+    run(Command::new(&system_python).arg("-m").arg("venv").arg(&venv))?;
+    run(Command::new(&python).args(["-m", "pip", "install", "--quiet", "--upgrade", "pip"]))?;
+    run(Command::new(&python).args(["-m", "pip", "install", "--quiet"]).args(LLAMA_PACKAGES))?;
+    anyhow::ensure!(ready(&python), "{} was installed but llama_cpp.server does not import", venv.display());
+    Ok(python)
+}
+
+/// Writes `DIR/tiny.gguf`.
+fn tiny_model(dir: &Path) -> anyhow::Result<()> {
+    let python = llama_env()?;
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let out = dir.join("tiny.gguf");
+    run(Command::new(&python).arg(root().join("xtask").join("tiny_model.py")).arg(&out))?;
+    println!("{}", out.display());
+    Ok(())
+}
+
+fn run(command: &mut Command) -> anyhow::Result<()> {
+    let status = command.status().with_context(|| format!("cannot run {command:?}"))?;
+    anyhow::ensure!(status.success(), "{command:?} failed ({status})");
+    Ok(())
 }

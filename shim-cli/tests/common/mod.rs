@@ -1,0 +1,236 @@
+//! Helpers shared by the end-to-end tests: start the real binary, talk to it like the real client.
+#![allow(dead_code)]
+
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_model-serve-shim");
+
+/// A running shim; killed on drop so a failing test leaves nothing behind.
+pub struct Shim {
+    pub child: Child,
+    pub base: String,
+}
+
+impl Shim {
+    pub fn start(data: &Path, models: &Path, port: u16) -> Shim {
+        Self::start_with(data, models, port, &[])
+    }
+
+    /// Starts the shim with extra flags (e.g. `--config FILE`).
+    pub fn start_with(data: &Path, models: &Path, port: u16, extra: &[&str]) -> Shim {
+        std::fs::create_dir_all(data).unwrap();
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(data.join("shim.log"))
+            .unwrap();
+        let child = Command::new(BIN)
+            .args([
+                "--port",
+                &port.to_string(),
+                "--host",
+                "127.0.0.1",
+                "--default-engine",
+                "mock",
+            ])
+            .arg("--data-dir")
+            .arg(data)
+            .arg("--model-root")
+            .arg(models)
+            .args(extra)
+            .env("XMOD_SHIM_ENGINE__RESYNCINTERVALSECS", "2")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("start model-serve-shim");
+        let shim = Shim {
+            child,
+            base: format!("http://127.0.0.1:{port}"),
+        };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while get(&format!("{}/healthz", shim.base)).is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "shim did not come up; log:\n{}",
+                read_log(data)
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        shim
+    }
+
+    /// SIGTERM and wait: a graceful stop that leaves the engines running.
+    pub fn stop(mut self) {
+        Command::new("kill")
+            .arg("-TERM")
+            .arg(self.child.id().to_string())
+            .status()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while self.child.try_wait().unwrap().is_none() {
+            assert!(Instant::now() < deadline, "shim did not stop on SIGTERM");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+}
+
+impl Drop for Shim {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub fn read_log(data: &Path) -> String {
+    std::fs::read_to_string(data.join("shim.log")).unwrap_or_default()
+}
+
+pub fn client() -> reqwest::blocking::Client {
+    reqwest::blocking::Client::builder()
+        .timeout(Duration::from_secs(30))
+        .build()
+        .unwrap()
+}
+
+pub fn get(url: &str) -> reqwest::Result<Value> {
+    client().get(url).send()?.json()
+}
+
+/// Sends exactly what the real client sends: JSON with a charset parameter.
+pub fn send(method: reqwest::Method, url: &str, body: Option<Value>) -> Value {
+    let mut request = client().request(method, url);
+    if let Some(body) = body {
+        request = request
+            .header("Content-Type", "application/json;charset=utf-8")
+            .body(body.to_string());
+    }
+    request.send().unwrap().json().unwrap()
+}
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Polls a service until `done` holds for its status data; returns every status word seen.
+pub fn wait_status(
+    shim: &Shim,
+    id: &str,
+    secs: u64,
+    done: impl Fn(&Value) -> bool,
+) -> (Value, Vec<String>) {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    let mut seen: Vec<String> = Vec::new();
+    loop {
+        let envelope = get(&shim.url(&format!("/api/v1/modserv/{id}"))).unwrap();
+        assert_eq!(envelope["code"], 0, "{envelope}");
+        let data = envelope["data"].clone();
+        let word = data["status"].as_str().unwrap().to_string();
+        assert!(
+            [
+                "pending",
+                "initializing",
+                "running",
+                "failed",
+                "terminating",
+                "notExist"
+            ]
+            .contains(&word.as_str()),
+            "not one of the client's six words: {word}"
+        );
+        if word != "running" {
+            assert_eq!(
+                data["endpoint"], "",
+                "endpoint must be empty until running: {data}"
+            );
+        }
+        if seen.last() != Some(&word) {
+            seen.push(word);
+        }
+        if done(&data) {
+            return (data, seen);
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out; last status {data}; seen {seen:?}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+pub fn chat(endpoint: &str, model: &str) -> Value {
+    let response = client()
+        .post(endpoint)
+        .json(&json!({ "model": model, "messages": [{ "role": "user", "content": "hello" }], "max_tokens": 8 }))
+        .send()
+        .unwrap();
+    assert!(
+        response.status().is_success(),
+        "chat failed: {}",
+        response.status()
+    );
+    response.json().unwrap()
+}
+
+/// Pids of engines started with `--port <port>` (found by their command line).
+pub fn engine_pids(port: u16) -> Vec<u32> {
+    let mut pids = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else {
+            continue;
+        };
+        let args: Vec<String> = cmdline
+            .split(|b| *b == 0)
+            .map(|a| String::from_utf8_lossy(a).into_owned())
+            .collect();
+        let is_engine = args.iter().any(|a| a == "mock-engine");
+        let on_port = args
+            .windows(2)
+            .any(|w| w[0] == "--port" && w[1] == port.to_string());
+        if is_engine && on_port {
+            pids.push(pid);
+        }
+    }
+    pids
+}
+
+pub fn port_of(endpoint: &str) -> u16 {
+    let url = reqwest::Url::parse(endpoint).unwrap();
+    url.port().unwrap()
+}
+
+pub fn alive(pid: u32) -> bool {
+    // A zombie has exited; only its entry remains until reaped.
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map(|s| {
+            !s.rsplit_once(')')
+                .map(|(_, rest)| rest.trim_start().starts_with('Z'))
+                .unwrap_or(false)
+        })
+        .unwrap_or(false)
+}
+
+pub fn deploy(shim: &Shim, body: Value) -> String {
+    let envelope = send(
+        reqwest::Method::POST,
+        &shim.url("/api/v1/modserv/deploy"),
+        Some(body),
+    );
+    assert_eq!(envelope["code"], 0, "{envelope}");
+    envelope["data"]["serviceId"].as_str().unwrap().to_string()
+}
