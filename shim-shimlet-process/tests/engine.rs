@@ -1,0 +1,91 @@
+//! The process shimlet under the real engine: its notifier drives repair of a crashed replica
+//! without waiting for the periodic resync.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::{Sandbox, alive, eventually};
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+use shim_core::{
+    DeploySpec, Engine, EngineConfig, Phase, Pipeline, PipelineContext, StepError, WorkloadState,
+};
+
+fn pipeline() -> Pipeline {
+    Pipeline::new("process-test")
+        .step("apply", |ctx: PipelineContext| async move {
+            let mut workload = common::engine(ctx.service_id());
+            workload.generation = ctx.generation();
+            ctx.shimlet().apply(&workload).await?;
+            Ok(())
+        })
+        .step("wait-ready", |ctx: PipelineContext| async move {
+            loop {
+                let observed = ctx.shimlet().observe(ctx.service_id()).await?;
+                match (observed.state, observed.failure) {
+                    (WorkloadState::Ready, _) => {
+                        ctx.set_endpoint(observed.address.unwrap_or_default());
+                        return Ok(());
+                    }
+                    (WorkloadState::Failed, Some(f)) => {
+                        return Err(StepError::permanent(f.reason, f.message));
+                    }
+                    _ => tokio::time::sleep(Duration::from_millis(25)).await,
+                }
+            }
+        })
+        .build()
+}
+
+#[tokio::test]
+async fn a_killed_replica_is_noticed_and_repaired_without_a_resync() {
+    let sandbox = Sandbox::new(&[]);
+    let engine = Engine::builder()
+        .config(EngineConfig {
+            data_dir: sandbox.dir.path().to_path_buf(),
+            plugins: Arc::new(sandbox.config.clone()),
+            gpus: Some(Vec::new()),
+            // Only the shimlet's notification can make the engine look again in time.
+            resync_interval: Duration::from_secs(3600),
+            backoff_base: Duration::from_millis(10),
+            backoff_cap: Duration::from_millis(50),
+            ..EngineConfig::default()
+        })
+        .shimlet("process")
+        .pipeline(pipeline())
+        .build()
+        .await
+        .expect("engine");
+    let id = engine.deploy(DeploySpec::named("qwen")).await.unwrap();
+    let running = eventually("running", Duration::from_secs(10), || async {
+        engine.get(&id).filter(|r| r.phase == Phase::Running)
+    })
+    .await;
+    assert!(running.endpoint.starts_with("http://127.0.0.1:"));
+    let pid = sandbox.pids(&id)[0];
+
+    kill(Pid::from_raw(i32::try_from(pid).unwrap()), Signal::SIGKILL).unwrap();
+    let repaired = eventually("repaired", Duration::from_secs(10), || async {
+        engine
+            .get(&id)
+            .filter(|r| r.phase == Phase::Running && r.restarts == 1)
+    })
+    .await;
+    assert_eq!(
+        repaired.endpoint, running.endpoint,
+        "same port after restart"
+    );
+    let new_pid = sandbox.pids(&id)[0];
+    assert_ne!(new_pid, pid);
+    assert!(alive(new_pid));
+
+    engine.delete(&id).await.unwrap();
+    eventually("deleted", Duration::from_secs(10), || async {
+        engine.get(&id).is_none().then_some(())
+    })
+    .await;
+    assert!(!alive(new_pid));
+    engine.shutdown().await;
+}
