@@ -11,6 +11,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::EngineConfig;
+use crate::dry_run::{DryRun, Recorder, StepLog};
 use crate::error::{Error, Result};
 use crate::event::{Event, EventBus, EventKind, EventStream};
 use crate::gpu::GpuAllocator;
@@ -306,6 +307,24 @@ impl Engine {
         ack.await?;
         self.inner.queue.add(id);
         Ok(())
+    }
+
+    /// Runs the pipeline for `spec` without creating anything: the runtime renders what `apply`
+    /// would create (the manifests, container bodies or process plans).
+    ///
+    /// # Errors
+    /// [`Error::Invalid`]; [`Error::DryRun`] naming the step that stopped (a missing model, or a
+    /// shimlet that cannot render).
+    pub async fn dry_run(&self, spec: DeploySpec) -> Result<DryRun> {
+        spec.validate(&self.inner.policy).map_err(Error::Invalid)?;
+        let recorder = Arc::new(Recorder::new(self.inner.shimlet.clone()));
+        let steps = Arc::new(StepLog::default());
+        let context = PipelineContext::new("dry-run", 1, spec, recorder.clone(), steps.clone());
+        self.inner.pipeline.run(&context).await.map_err(Error::DryRun)?;
+        let workloads = std::mem::take(&mut *recorder.workloads.lock().expect("dry-run lock"));
+        let manifests = std::mem::take(&mut *recorder.manifests.lock().expect("dry-run lock"));
+        let steps = std::mem::take(&mut *steps.0.lock().expect("dry-run lock"));
+        Ok(DryRun { workloads, manifests, steps })
     }
 
     /// A live service's record; `None` once deleted or never deployed.

@@ -42,6 +42,9 @@ pub enum Error {
     /// The store failed to read or write.
     #[error("store: {0}")]
     Store(#[source] Box<dyn std::error::Error + Send + Sync>),
+    /// A dry run's pipeline stopped at a step (e.g. the model directory does not exist).
+    #[error("dry run stopped: {0}")]
+    DryRun(#[source] crate::pipeline::StepFailure),
     /// The engine is shutting down and takes no new work.
     #[error("the engine is shutting down")]
     ShuttingDown,

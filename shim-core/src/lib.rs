@@ -36,6 +36,7 @@
 //! ```
 
 pub mod config;
+pub mod dry_run;
 pub mod engine;
 pub mod error;
 pub mod event;
@@ -53,6 +54,7 @@ pub mod testing;
 pub mod workload;
 
 pub use config::{EngineConfig, PluginSettings};
+pub use dry_run::DryRun;
 pub use engine::{Engine, EngineBuilder, PluginInfo};
 pub use error::{Error, Result};
 pub use event::{Event, EventBus, EventKind, EventStream, Received};

@@ -110,6 +110,11 @@ impl Shimlet for InstantShimlet {
         Ok(Removal::Gone)
     }
 
+    /// What `apply` would record: the workload itself (this runtime has no objects of its own).
+    async fn render(&self, workload: &WorkloadSpec) -> Result<serde_json::Value, ShimletError> {
+        Ok(serde_json::json!({ "instant": workload }))
+    }
+
     async fn list(&self) -> Result<Vec<ManagedWorkload>, ShimletError> {
         Ok(self
             .workloads

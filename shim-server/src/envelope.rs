@@ -101,10 +101,17 @@ impl From<Error> for ApiError {
             Error::NotFound(_) => StatusCode::NOT_FOUND,
             Error::Invalid(_) => StatusCode::BAD_REQUEST,
             Error::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
+            // The request is well-formed but could not be rendered (missing model, a runtime
+            // that cannot render).
+            Error::DryRun(_) => StatusCode::UNPROCESSABLE_ENTITY,
             _ => StatusCode::INTERNAL_SERVER_ERROR,
         };
         let data = match &err {
             Error::Invalid(fields) => Some(serde_json::json!({ "errors": fields })),
+            Error::DryRun(failure) => Some(serde_json::json!({
+                "step": failure.step,
+                "reason": failure.error.reason.as_str(),
+            })),
             _ => None,
         };
         if status.is_server_error() {

@@ -283,7 +283,7 @@ pub(crate) async fn deploy(
     let write = query(write)?;
     let spec = deploy_spec(&headers, body)?;
     if write.dry_run {
-        return Err(dry_run(&state, &spec));
+        return Ok(success(state.engine().dry_run(spec).await?));
     }
     let id = state.engine().deploy(spec).await?;
     Ok(success(IdView { service_id: &id }))
@@ -300,23 +300,14 @@ pub(crate) async fn update(
     let write = query(write)?;
     let spec = deploy_spec(&headers, body)?;
     if write.dry_run {
-        return Err(dry_run(&state, &spec));
+        // Renders the new spec; the running service is not touched.
+        if state.engine().get(&id).is_none() {
+            return Err(Error::NotFound(id).into());
+        }
+        return Ok(success(state.engine().dry_run(spec).await?));
     }
     state.engine().update(&id, spec).await?;
     Ok(success(IdView { service_id: &id }))
-}
-
-/// Dry runs need the pipeline to render a workload without applying it, which the engine does not
-/// offer yet. The body is still validated, so a dry run at least says whether it would be accepted.
-fn dry_run(state: &AppState, spec: &DeploySpec) -> ApiError {
-    let policy = state.engine().config().validation_policy();
-    match spec.validate(&policy) {
-        Err(fields) => ApiError::from(Error::Invalid(fields)),
-        Ok(()) => ApiError::new(
-            StatusCode::NOT_IMPLEMENTED,
-            "dry run is not supported by this shimlet yet (the request body is valid)",
-        ),
-    }
 }
 
 /// `DELETE /api/v1/modserv/{serviceId}`.

@@ -741,16 +741,18 @@ async fn logs_the_runtime_cannot_give_are_a_501() {
 }
 
 #[tokio::test]
-async fn dry_runs_validate_but_are_not_implemented() {
+async fn dry_runs_render_through_the_runtime_and_deploy_nothing() {
     let h = harness().await;
     let reply = deploy_at(
         &h.app,
         "/api/v1/modserv/deploy?dryRun=true",
-        r#"{"modelName":"m"}"#,
+        r#"{"modelName":"m","replicaCount":2}"#,
     )
     .await;
-    reply.assert_error(StatusCode::NOT_IMPLEMENTED);
-    assert!(reply.message().contains("dry run is not supported"));
+    let data = reply.assert_success().clone();
+    assert_eq!(data["workloads"][0]["replicas"], 2, "{data}");
+    assert_eq!(data["manifests"][0]["instant"]["replicas"], 2, "{data}");
+    assert!(data["steps"].as_array().is_some_and(|s| !s.is_empty()), "{data}");
     let reply = deploy_at(
         &h.app,
         "/api/v1/modserv/deploy?dryRun=true",
@@ -759,6 +761,12 @@ async fn dry_runs_validate_but_are_not_implemented() {
     .await;
     reply.assert_error(StatusCode::BAD_REQUEST);
     assert!(h.engine.list().is_empty(), "a dry run must not deploy");
+    let reply = send(
+        &h.app,
+        client_request(Method::PUT, "/api/v1/modserv/abcdef12?dryRun=true", r#"{"modelName":"m"}"#),
+    )
+    .await;
+    reply.assert_error(StatusCode::NOT_FOUND);
     deploy_at(
         &h.app,
         "/api/v1/modserv/deploy?dryRun=false",
