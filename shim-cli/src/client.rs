@@ -40,6 +40,17 @@ pub struct DeployArgs {
     pub client: ClientArgs,
 }
 
+/// `render` flags.
+#[derive(Debug, Clone, Args)]
+pub struct RenderArgs {
+    /// Model directory name under the server's model root.
+    pub model_name: String,
+    #[command(flatten)]
+    pub spec: SpecArgs,
+    #[command(flatten)]
+    pub client: ClientArgs,
+}
+
 /// `update` flags.
 #[derive(Debug, Clone, Args)]
 pub struct UpdateArgs {
@@ -235,6 +246,21 @@ pub async fn deploy(args: DeployArgs) -> anyhow::Result<()> {
     if args.wait {
         wait_running(&api, &id, Duration::from_secs(args.timeout)).await?;
     }
+    Ok(())
+}
+
+/// `render`: the dry run's workloads and runtime objects, as JSON.
+pub async fn render(args: RenderArgs) -> anyhow::Result<()> {
+    let api = Api::new(&args.client)?;
+    let body = args.spec.body(&args.model_name)?;
+    let data = api
+        .call(
+            reqwest::Method::POST,
+            "/api/v1/modserv/deploy?dryRun=true",
+            Some(&body),
+        )
+        .await?;
+    println!("{}", serde_json::to_string_pretty(&data)?);
     Ok(())
 }
 

@@ -108,6 +108,8 @@ enum Command {
     Serve(ServeArgs),
     /// Deploy a model on a running server.
     Deploy(client::DeployArgs),
+    /// Show what a deploy would create (dry run), without creating it.
+    Render(client::RenderArgs),
     /// Replace a service's spec.
     Update(client::UpdateArgs),
     /// Show one service.
@@ -145,6 +147,7 @@ fn main() -> std::process::ExitCode {
             None => serve::run(cli.serve).await,
             Some(Command::Serve(args)) => serve::run(args).await,
             Some(Command::Deploy(args)) => client::deploy(args).await,
+            Some(Command::Render(args)) => client::render(args).await,
             Some(Command::Update(args)) => client::update(args).await,
             Some(Command::Status(args)) => client::status(args).await,
             Some(Command::List(args)) => client::list(args).await,

@@ -26,6 +26,7 @@ fn llama_python() -> Option<PathBuf> {
     let python = venv.join("bin").join("python3");
     let ok = Command::new(&python)
         .args(["-c", "import llama_cpp.server, gguf"])
+        .stderr(std::process::Stdio::null())
         .status()
         .is_ok_and(|s| s.success());
     ok.then_some(python)

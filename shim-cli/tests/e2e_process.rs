@@ -263,6 +263,15 @@ fn the_cli_deploys_with_wait_lists_and_deletes() {
 
     let (ok, out, _) = cli(&["list"]);
     assert!(ok && out.contains(&id) && out.contains("running"), "{out}");
+    // Dry run through the process runtime: the plan, nothing started.
+    let (ok, out, err) = cli(&["render", "gamma", "--engine", "mock", "--replicas", "2"]);
+    assert!(ok, "{out}{err}");
+    let rendered: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(rendered["workloads"][0]["replicas"], 2, "{rendered}");
+    assert!(
+        rendered["manifests"][0].to_string().contains("mock-engine"),
+        "{rendered}"
+    );
     let (ok, out, _) = cli(&["plugins"]);
     assert!(
         ok && out.contains("* process") && out.contains("* opensourcellm"),
