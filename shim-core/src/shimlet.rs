@@ -189,7 +189,8 @@ impl std::fmt::Debug for Notifier {
 }
 
 impl Notifier {
-    pub(crate) fn new(queue: Arc<WorkQueue>) -> Self {
+    /// A notifier that feeds `queue` (the engine's; tests pass their own and read it back).
+    pub fn new(queue: Arc<WorkQueue>) -> Self {
         Self { queue }
     }
 

@@ -93,16 +93,24 @@ pub fn build(tag: &str, binary: &Path) -> anyhow::Result<()> {
     std::fs::write(context.path().join("Dockerfile"), dockerfile())
         .context("writing the Dockerfile")?;
 
-    let status = Command::new("docker")
+    let mut command = Command::new("docker");
+    command
         .arg("build")
         .arg("--tag")
         .arg(tag)
-        .arg(context.path())
-        // The classic builder needs no buildx plugin, which older or minimal installs lack.
-        .env("DOCKER_BUILDKIT", "0")
+        .arg(context.path());
+    if !has_buildx() {
+        // Without the buildx plugin the CLI refuses BuildKit builds; the classic builder needs
+        // nothing more and handles this two-instruction Dockerfile just as well.
+        command.env("DOCKER_BUILDKIT", "0");
+    }
+    let status = command
         .status()
         .context("running `docker build` (is the docker CLI installed?)")?;
-    ensure!(status.success(), "`docker build` for {tag} failed: {status}");
+    ensure!(
+        status.success(),
+        "`docker build` for {tag} failed: {status}"
+    );
     Ok(())
 }
 
@@ -120,7 +128,10 @@ pub fn build_binary(workspace: &Path, release: bool) -> anyhow::Result<PathBuf> 
         command.arg("--release");
     }
     let status = command.status().context("running cargo")?;
-    ensure!(status.success(), "building model-serve-shim failed: {status}");
+    ensure!(
+        status.success(),
+        "building model-serve-shim failed: {status}"
+    );
     let target = std::env::var_os("CARGO_TARGET_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| workspace.join("target"));
@@ -133,6 +144,14 @@ pub fn build_binary(workspace: &Path, release: bool) -> anyhow::Result<PathBuf> 
         binary.display()
     );
     Ok(binary)
+}
+
+/// Whether the docker CLI has the buildx plugin (BuildKit builds).
+fn has_buildx() -> bool {
+    Command::new("docker")
+        .args(["buildx", "version"])
+        .output()
+        .is_ok_and(|o| o.status.success())
 }
 
 /// Whether the local engine has the image `tag`.
@@ -151,10 +170,7 @@ pub fn image_exists(tag: &str) -> anyhow::Result<bool> {
 /// tests) sit one directory below it.
 pub fn workspace_root() -> PathBuf {
     let manifest_dir = Path::new(env!("CARGO_MANIFEST_DIR"));
-    manifest_dir
-        .parent()
-        .unwrap_or(manifest_dir)
-        .to_path_buf()
+    manifest_dir.parent().unwrap_or(manifest_dir).to_path_buf()
 }
 
 /// The Dockerfile: everything lives in `rootfs/`, copied as one layer onto an empty image.
@@ -201,8 +217,7 @@ fn shared_libraries(binary: &Path) -> anyhow::Result<Vec<PathBuf>> {
     let stdout = String::from_utf8_lossy(&output.stdout);
     let stderr = String::from_utf8_lossy(&output.stderr);
     // A static binary needs nothing; ldd says so and exits non-zero.
-    if stdout.contains("not a dynamic executable") || stderr.contains("not a dynamic executable")
-    {
+    if stdout.contains("not a dynamic executable") || stderr.contains("not a dynamic executable") {
         return Ok(Vec::new());
     }
     ensure!(output.status.success(), "ldd failed: {}", stderr.trim());
@@ -257,10 +272,8 @@ impl ContextDir {
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.subsec_nanos())
             .unwrap_or_default();
-        let path = std::env::temp_dir().join(format!(
-            "xmod-docker-image-{}-{nanos}",
-            std::process::id()
-        ));
+        let path =
+            std::env::temp_dir().join(format!("xmod-docker-image-{}-{nanos}", std::process::id()));
         std::fs::create_dir_all(&path)
             .with_context(|| format!("creating build context {}", path.display()))?;
         Ok(Self(path))
