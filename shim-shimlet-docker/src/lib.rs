@@ -1,7 +1,6 @@
 //! xmod-shim's Docker runtime (`--shimlet=docker`): each replica of a
-//! [`WorkloadSpec`](shim_core::WorkloadSpec) runs as a
-//! container on a Docker Engine, reached through [bollard](bollard) at `shimlets.docker.socket`,
-//! `DOCKER_HOST`, or the local socket.
+//! [`WorkloadSpec`](shim_core::WorkloadSpec) runs as a container on a Docker Engine, reached
+//! through [`bollard`] at `shimlets.docker.socket`, `DOCKER_HOST`, or the local socket.
 //!
 //! # What a replica becomes
 //! One container per replica, named `xmod-<service_id>-<replica>` and labelled
@@ -37,6 +36,12 @@
 //!
 //! # Configuration
 //! See [`DockerConfig`] for the `shimlets.docker` keys.
+//!
+//! # The mock engine's image
+//! The `mock` engine preset runs `xmod-shim/mock-engine:latest`, which `cargo xtask docker-image`
+//! builds locally without a registry (`FROM scratch` plus `model-serve-shim` and the shared
+//! libraries it links). The integration tests in `tests/` build it the same way when it is
+//! missing, then run against the real engine.
 
 mod config;
 mod errors;

@@ -13,12 +13,15 @@ use std::process::Command;
 
 use anyhow::{Context as _, bail};
 
+mod docker_image;
+
 fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let task = args.first().map(String::as_str).unwrap_or("help");
     match task {
         "ci" => ci(),
         "bench" => bench(&args[1..]),
+        "docker-image" => docker_image::run(&args[1..]),
         "llama-env" => llama_env().map(|python| println!("{}", python.display())),
         "tiny-model" => {
             let dir = args.get(1).context("usage: cargo xtask tiny-model DIR")?;
