@@ -57,6 +57,9 @@ fn llama_cpp_serves_a_generated_tiny_model_through_the_shim() {
     };
     let dir = tempfile::tempdir().unwrap();
     let models = dir.path().join("models");
+    let _reaper = Reaper {
+        marker: models.display().to_string(),
+    };
     write_tiny_model(&python, &models.join("tiny"));
     std::fs::create_dir_all(models.join("corrupt")).unwrap();
     std::fs::write(

@@ -15,6 +15,9 @@ fn deploy_run_repair_restart_and_delete_two_mock_services_through_processes() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
     let models: PathBuf = dir.path().join("models");
+    let _reaper = Reaper {
+        marker: models.display().to_string(),
+    };
     for name in ["alpha", "beta", "broken"] {
         std::fs::create_dir_all(models.join(name)).unwrap();
     }
@@ -195,6 +198,9 @@ fn the_cli_deploys_with_wait_lists_and_deletes() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
     let models = dir.path().join("models");
+    let _reaper = Reaper {
+        marker: models.display().to_string(),
+    };
     std::fs::create_dir_all(models.join("gamma")).unwrap();
     let port = free_port();
     let shim = Shim::start(&data, &models, port);

@@ -198,11 +198,10 @@ pub fn engine_pids(port: u16) -> Vec<u32> {
             .split(|b| *b == 0)
             .map(|a| String::from_utf8_lossy(a).into_owned())
             .collect();
-        let is_engine = args.iter().any(|a| a == "mock-engine");
-        let on_port = args
+        if args
             .windows(2)
-            .any(|w| w[0] == "--port" && w[1] == port.to_string());
-        if is_engine && on_port {
+            .any(|w| w[0] == "--port" && w[1] == port.to_string())
+        {
             pids.push(pid);
         }
     }
@@ -233,4 +232,29 @@ pub fn deploy(shim: &Shim, body: Value) -> String {
     );
     assert_eq!(envelope["code"], 0, "{envelope}");
     envelope["data"]["serviceId"].as_str().unwrap().to_string()
+}
+
+/// Kills, on drop, every process whose command line mentions `marker` (the test's temporary
+/// model directory), so engines left by a failing test do not outlive it.
+pub struct Reaper {
+    pub marker: String,
+}
+
+impl Drop for Reaper {
+    fn drop(&mut self) {
+        let Ok(entries) = std::fs::read_dir("/proc") else {
+            return;
+        };
+        for entry in entries.flatten() {
+            let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
+                continue;
+            };
+            let cmdline = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
+            if pid != std::process::id() as i32
+                && String::from_utf8_lossy(&cmdline).contains(&self.marker)
+            {
+                let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
+            }
+        }
+    }
 }
