@@ -128,14 +128,12 @@ fn with_layers(app: Router<AppState>, state: AppState) -> Router {
     app.method_not_allowed_fallback(middleware::method_not_allowed)
         .fallback(middleware::not_found)
         .layer(DefaultBodyLimit::max(state.body_limit()))
+        .layer(CatchPanicLayer::custom(middleware::panic_response))
+        // One middleware for auth, metrics and envelopes: each `from_fn` layer costs a boxed
+        // future and a clone of the inner service per request, and the status GET is hot.
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
-            middleware::require_token,
-        ))
-        .layer(CatchPanicLayer::custom(middleware::panic_response))
-        .layer(axum::middleware::from_fn_with_state(
-            state.metrics().clone(),
-            middleware::observe,
+            middleware::edge,
         ))
         .with_state(state)
 }

@@ -2,7 +2,6 @@
 //! outside the handlers (routing, limits, panics).
 
 use std::any::Any;
-use std::sync::Arc;
 
 use axum::extract::{MatchedPath, Request, State};
 use axum::http::{HeaderValue, Method, StatusCode, header};
@@ -10,7 +9,6 @@ use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 
 use crate::envelope::{ApiError, respond};
-use crate::metrics::HttpMetrics;
 use crate::state::AppState;
 
 /// Most bytes of a foreign error body kept as the envelope's message.
@@ -49,19 +47,14 @@ pub(crate) fn panic_response(panic: Box<dyn Any + Send + 'static>) -> Response {
 
 /// Requires `Authorization: Bearer <token>` on every request that can change state when a token
 /// is configured. Reads (GET, HEAD, OPTIONS) stay open: the real client polls status unauthenticated.
-pub(crate) async fn require_token(
-    State(state): State<AppState>,
-    request: Request,
-    next: Next,
-) -> Response {
-    let Some(expected) = state.auth_token() else {
-        return next.run(request).await;
-    };
+/// `None` when the request may pass, else the 401 to answer.
+fn check_token(state: &AppState, request: &Request) -> Option<Response> {
+    let expected = state.auth_token()?;
     if matches!(
         *request.method(),
         Method::GET | Method::HEAD | Method::OPTIONS
     ) {
-        return next.run(request).await;
+        return None;
     }
     let presented = request
         .headers()
@@ -69,9 +62,7 @@ pub(crate) async fn require_token(
         .and_then(|v| v.to_str().ok())
         .and_then(bearer_token);
     match presented {
-        Some(token) if constant_time_eq(token.as_bytes(), expected.as_bytes()) => {
-            next.run(request).await
-        }
+        Some(token) if constant_time_eq(token.as_bytes(), expected.as_bytes()) => None,
         _ => {
             let mut response = ApiError::new(
                 StatusCode::UNAUTHORIZED,
@@ -81,7 +72,7 @@ pub(crate) async fn require_token(
             response
                 .headers_mut()
                 .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
-            response
+            Some(response)
         }
     }
 }
@@ -106,14 +97,12 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     std::hint::black_box(diff) == 0
 }
 
-/// Counts the request under its route template, and wraps any error response that is not JSON
-/// (axum's own rejections, a body-limit error) in the envelope, so no client sees an empty or
-/// plain-text error.
-pub(crate) async fn observe(
-    State(metrics): State<Arc<HttpMetrics>>,
-    request: Request,
-    next: Next,
-) -> Response {
+/// The edge of every request: refuses mutating requests without the token (when one is
+/// configured), counts the request under its route template, and wraps any error response that
+/// is not JSON (axum's own rejections, a body-limit error) in the envelope, so no client sees an
+/// empty or plain-text error.
+pub(crate) async fn edge(State(state): State<AppState>, request: Request, next: Next) -> Response {
+    let metrics = state.metrics();
     let route = metrics.route_index(
         request
             .extensions()
@@ -121,7 +110,10 @@ pub(crate) async fn observe(
             .map(MatchedPath::as_str),
     );
     let method = request.method().clone();
-    let response = next.run(request).await;
+    let response = match check_token(&state, &request) {
+        Some(refused) => refused,
+        None => next.run(request).await,
+    };
     let response = if response.status().is_client_error() || response.status().is_server_error() {
         ensure_envelope(response).await
     } else {
