@@ -9,7 +9,9 @@ use serde::Serialize;
 
 use crate::event::EventKind;
 use crate::pipeline::{PipelineObserver, StepProgress};
-use crate::shimlet::{ManagedWorkload, Removal, Shimlet, ShimletError, WorkloadObservation, WorkloadState};
+use crate::shimlet::{
+    ManagedWorkload, Removal, Shimlet, ShimletError, WorkloadObservation, WorkloadState,
+};
 use crate::workload::WorkloadSpec;
 
 /// What a deploy would create.
@@ -33,7 +35,11 @@ pub(crate) struct Recorder {
 
 impl Recorder {
     pub(crate) fn new(runtime: Arc<dyn Shimlet>) -> Self {
-        Self { runtime, workloads: Mutex::default(), manifests: Mutex::default() }
+        Self {
+            runtime,
+            workloads: Mutex::default(),
+            manifests: Mutex::default(),
+        }
     }
 }
 
@@ -42,7 +48,10 @@ impl Shimlet for Recorder {
     async fn apply(&self, workload: &WorkloadSpec) -> Result<(), ShimletError> {
         let manifest = self.runtime.render(workload).await?;
         self.manifests.lock().expect("dry-run lock").push(manifest);
-        self.workloads.lock().expect("dry-run lock").push(workload.clone());
+        self.workloads
+            .lock()
+            .expect("dry-run lock")
+            .push(workload.clone());
         Ok(())
     }
 

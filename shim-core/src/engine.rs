@@ -320,11 +320,19 @@ impl Engine {
         let recorder = Arc::new(Recorder::new(self.inner.shimlet.clone()));
         let steps = Arc::new(StepLog::default());
         let context = PipelineContext::new("dry-run", 1, spec, recorder.clone(), steps.clone());
-        self.inner.pipeline.run(&context).await.map_err(Error::DryRun)?;
+        self.inner
+            .pipeline
+            .run(&context)
+            .await
+            .map_err(Error::DryRun)?;
         let workloads = std::mem::take(&mut *recorder.workloads.lock().expect("dry-run lock"));
         let manifests = std::mem::take(&mut *recorder.manifests.lock().expect("dry-run lock"));
         let steps = std::mem::take(&mut *steps.0.lock().expect("dry-run lock"));
-        Ok(DryRun { workloads, manifests, steps })
+        Ok(DryRun {
+            workloads,
+            manifests,
+            steps,
+        })
     }
 
     /// A live service's record; `None` once deleted or never deployed.
@@ -1010,7 +1018,13 @@ impl Engine {
 /// Every event also goes to the log, so an operator tailing it sees each long wait progress.
 fn log_event(id: &str, generation: u64, kind: &EventKind) {
     match kind {
-        EventKind::Transition { from, to, reason, message, .. } => tracing::info!(
+        EventKind::Transition {
+            from,
+            to,
+            reason,
+            message,
+            ..
+        } => tracing::info!(
             service_id = id,
             generation,
             from = from.map(|p| p.to_string()),
@@ -1021,9 +1035,19 @@ fn log_event(id: &str, generation: u64, kind: &EventKind) {
             to.wire_word()
         ),
         EventKind::StepProgress { step, message } => {
-            tracing::info!(service_id = id, generation, step = step.as_str(), "{message}")
+            tracing::info!(
+                service_id = id,
+                generation,
+                step = step.as_str(),
+                "{message}"
+            )
         }
-        EventKind::StepRetrying { step, attempt, error, delay_ms } => tracing::warn!(
+        EventKind::StepRetrying {
+            step,
+            attempt,
+            error,
+            delay_ms,
+        } => tracing::warn!(
             service_id = id,
             generation,
             step = step.as_str(),
@@ -1032,9 +1056,16 @@ fn log_event(id: &str, generation: u64, kind: &EventKind) {
             "step failed, retrying: {error}"
         ),
         EventKind::StepFailed { step, error } => {
-            tracing::warn!(service_id = id, generation, step = step.as_str(), "step failed: {error}")
+            tracing::warn!(
+                service_id = id,
+                generation,
+                step = step.as_str(),
+                "step failed: {error}"
+            )
         }
-        EventKind::Observed { message, .. } => tracing::warn!(service_id = id, generation, "runtime: {message}"),
+        EventKind::Observed { message, .. } => {
+            tracing::warn!(service_id = id, generation, "runtime: {message}")
+        }
         other => tracing::debug!(service_id = id, generation, event = ?other),
     }
 }

@@ -11,6 +11,6 @@ shim_core::inventory::submit! {
     shim_core::PipelineEntry::new(
         "opensourcellm",
         "validate, resolve model, render from an engine preset, apply, wait ready, expose",
-        |settings| opensourcellm::build(settings),
+        opensourcellm::build,
     )
 }

@@ -346,11 +346,17 @@ async fn wait_ready(setup: Arc<Setup>, ctx: PipelineContext) -> Result<(), StepE
                 return Err(StepError::permanent(failure.reason, failure.message));
             }
             WorkloadState::Pending => {
-                let why = seen.failure.map(|f| f.message).unwrap_or_else(|| "waiting for resources".into());
+                let why = seen
+                    .failure
+                    .map(|f| f.message)
+                    .unwrap_or_else(|| "waiting for resources".into());
                 format!("pending: {why}")
             }
             WorkloadState::Starting | WorkloadState::Missing => {
-                format!("{}/{} replicas ready after {waited} s (loading the model)", seen.ready_replicas, workload.replicas)
+                format!(
+                    "{}/{} replicas ready after {waited} s (loading the model)",
+                    seen.ready_replicas, workload.replicas
+                )
             }
         };
         if last_key != Some(key) || reported_at.elapsed() >= Duration::from_secs(10) {
@@ -362,7 +368,10 @@ async fn wait_ready(setup: Arc<Setup>, ctx: PipelineContext) -> Result<(), StepE
         if started.elapsed() >= budget {
             return Err(StepError::permanent(
                 FailureReason::StartupTimeout,
-                format!("not ready after {} s (start-up budget); last: {last_report}", budget.as_secs()),
+                format!(
+                    "not ready after {} s (start-up budget); last: {last_report}",
+                    budget.as_secs()
+                ),
             ));
         }
         tokio::time::sleep(poll).await;

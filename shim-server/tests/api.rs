@@ -752,7 +752,10 @@ async fn dry_runs_render_through_the_runtime_and_deploy_nothing() {
     let data = reply.assert_success().clone();
     assert_eq!(data["workloads"][0]["replicas"], 2, "{data}");
     assert_eq!(data["manifests"][0]["instant"]["replicas"], 2, "{data}");
-    assert!(data["steps"].as_array().is_some_and(|s| !s.is_empty()), "{data}");
+    assert!(
+        data["steps"].as_array().is_some_and(|s| !s.is_empty()),
+        "{data}"
+    );
     let reply = deploy_at(
         &h.app,
         "/api/v1/modserv/deploy?dryRun=true",
@@ -763,7 +766,11 @@ async fn dry_runs_render_through_the_runtime_and_deploy_nothing() {
     assert!(h.engine.list().is_empty(), "a dry run must not deploy");
     let reply = send(
         &h.app,
-        client_request(Method::PUT, "/api/v1/modserv/abcdef12?dryRun=true", r#"{"modelName":"m"}"#),
+        client_request(
+            Method::PUT,
+            "/api/v1/modserv/abcdef12?dryRun=true",
+            r#"{"modelName":"m"}"#,
+        ),
     )
     .await;
     reply.assert_error(StatusCode::NOT_FOUND);

@@ -108,12 +108,24 @@ fn llama_env() -> anyhow::Result<PathBuf> {
         eprintln!("reusing {}", venv.display());
         return Ok(python);
     }
-    eprintln!("creating {} (building llama.cpp takes about 5 minutes on 2 cores)", venv.display());
+    eprintln!(
+        "creating {} (building llama.cpp takes about 5 minutes on 2 cores)",
+        venv.display()
+    );
     let system_python = std::env::var("PYTHON").unwrap_or_else(|_| "python3".into());
-    run(Command::new(&system_python).arg("-m").arg("venv").arg(&venv))?;
+    run(Command::new(&system_python)
+        .arg("-m")
+        .arg("venv")
+        .arg(&venv))?;
     run(Command::new(&python).args(["-m", "pip", "install", "--quiet", "--upgrade", "pip"]))?;
-    run(Command::new(&python).args(["-m", "pip", "install", "--quiet"]).args(LLAMA_PACKAGES))?;
-    anyhow::ensure!(ready(&python), "{} was installed but llama_cpp.server does not import", venv.display());
+    run(Command::new(&python)
+        .args(["-m", "pip", "install", "--quiet"])
+        .args(LLAMA_PACKAGES))?;
+    anyhow::ensure!(
+        ready(&python),
+        "{} was installed but llama_cpp.server does not import",
+        venv.display()
+    );
     Ok(python)
 }
 
@@ -122,13 +134,17 @@ fn tiny_model(dir: &Path) -> anyhow::Result<()> {
     let python = llama_env()?;
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     let out = dir.join("tiny.gguf");
-    run(Command::new(&python).arg(root().join("xtask").join("tiny_model.py")).arg(&out))?;
+    run(Command::new(&python)
+        .arg(root().join("xtask").join("tiny_model.py"))
+        .arg(&out))?;
     println!("{}", out.display());
     Ok(())
 }
 
 fn run(command: &mut Command) -> anyhow::Result<()> {
-    let status = command.status().with_context(|| format!("cannot run {command:?}"))?;
+    let status = command
+        .status()
+        .with_context(|| format!("cannot run {command:?}"))?;
     anyhow::ensure!(status.success(), "{command:?} failed ({status})");
     Ok(())
 }

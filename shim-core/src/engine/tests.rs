@@ -339,15 +339,34 @@ fn backoff_doubles_up_to_the_cap() {
 #[tokio::test]
 async fn a_dry_run_renders_through_the_runtime_and_creates_nothing() {
     let (engine, shimlet) = engine().await;
-    let dry = engine.dry_run(DeploySpec { replica_count: Some(3), ..DeploySpec::named("qwen") }).await.unwrap();
+    let dry = engine
+        .dry_run(DeploySpec {
+            replica_count: Some(3),
+            ..DeploySpec::named("qwen")
+        })
+        .await
+        .unwrap();
     assert_eq!(dry.workloads.len(), 1);
     assert_eq!(dry.workloads[0].replicas, 3);
     assert_eq!(dry.manifests[0]["instant"]["replicas"], 3);
     assert_eq!(dry.steps.len(), 2);
     // A step that stops names itself.
-    let err = engine.dry_run(DeploySpec::named("broken")).await.unwrap_err();
-    assert!(err.to_string().contains("step apply failed: no such model"), "{err}");
-    assert!(matches!(engine.dry_run(DeploySpec::named("../x")).await, Err(Error::Invalid(_))));
+    let err = engine
+        .dry_run(DeploySpec::named("broken"))
+        .await
+        .unwrap_err();
+    assert!(
+        err.to_string().contains("step apply failed: no such model"),
+        "{err}"
+    );
+    assert!(matches!(
+        engine.dry_run(DeploySpec::named("../x")).await,
+        Err(Error::Invalid(_))
+    ));
     assert!(engine.list().is_empty());
-    assert_eq!(shimlet.applies("dry-run"), 0, "nothing was applied to the real runtime");
+    assert_eq!(
+        shimlet.applies("dry-run"),
+        0,
+        "nothing was applied to the real runtime"
+    );
 }
