@@ -65,8 +65,10 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
 fn init_logging(logging: &Logging) -> anyhow::Result<()> {
     let filter = EnvFilter::try_new(&logging.level)
         .with_context(|| format!("bad logging.level {:?}", logging.level))?;
+    // Colours only on a terminal: log files and journald get plain text.
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr);
     match logging.format.as_str() {
         "json" => builder.json().init(),
