@@ -30,14 +30,21 @@ pub struct DeployArgs {
     pub model_name: String,
     #[command(flatten)]
     pub spec: SpecArgs,
+    #[command(flatten)]
+    pub wait: WaitArgs,
+    #[command(flatten)]
+    pub client: ClientArgs,
+}
+
+/// Waiting for a deploy or update to converge.
+#[derive(Debug, Clone, Args)]
+pub struct WaitArgs {
     /// Wait until the service is running (or failed), showing pipeline progress.
     #[arg(long)]
     pub wait: bool,
     /// Give up waiting after this many seconds.
     #[arg(long, default_value_t = 1800)]
     pub timeout: u64,
-    #[command(flatten)]
-    pub client: ClientArgs,
 }
 
 /// `render` flags.
@@ -61,12 +68,8 @@ pub struct UpdateArgs {
     pub model_name: String,
     #[command(flatten)]
     pub spec: SpecArgs,
-    /// Wait until the service is running (or failed).
-    #[arg(long)]
-    pub wait: bool,
-    /// Give up waiting after this many seconds.
-    #[arg(long, default_value_t = 1800)]
-    pub timeout: u64,
+    #[command(flatten)]
+    pub wait: WaitArgs,
     #[command(flatten)]
     pub client: ClientArgs,
 }
@@ -243,8 +246,8 @@ pub async fn deploy(args: DeployArgs) -> anyhow::Result<()> {
         .context("the server returned no serviceId")?
         .to_string();
     println!("serviceId: {id}");
-    if args.wait {
-        wait_running(&api, &id, Duration::from_secs(args.timeout)).await?;
+    if args.wait.wait {
+        wait_running(&api, &id, Duration::from_secs(args.wait.timeout)).await?;
     }
     Ok(())
 }
@@ -275,8 +278,8 @@ pub async fn update(args: UpdateArgs) -> anyhow::Result<()> {
     )
     .await?;
     println!("updated {}", args.id);
-    if args.wait {
-        wait_running(&api, &args.id, Duration::from_secs(args.timeout)).await?;
+    if args.wait.wait {
+        wait_running(&api, &args.id, Duration::from_secs(args.wait.timeout)).await?;
     }
     Ok(())
 }

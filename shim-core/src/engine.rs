@@ -653,6 +653,11 @@ impl Engine {
         }
         let engine = self.clone();
         tasks.push(tokio::spawn(async move { engine.resync().await }));
+        self.enqueue_all();
+    }
+
+    /// Queues every live service (start-up and periodic resync).
+    fn enqueue_all(&self) {
         let ids: Vec<String> = self
             .inner
             .services
@@ -674,17 +679,7 @@ impl Engine {
                 _ = self.inner.shutdown.cancelled() => return,
                 _ = ticker.tick() => {}
             }
-            let ids: Vec<String> = self
-                .inner
-                .services
-                .read()
-                .expect("services lock")
-                .keys()
-                .cloned()
-                .collect();
-            for id in ids {
-                self.inner.queue.add(&id);
-            }
+            self.enqueue_all();
         }
     }
 
