@@ -520,6 +520,7 @@ impl Engine {
         record.endpoint.clear();
         record.ready_replicas = 0;
         record.restarts = 0;
+        record.blocked_step = None;
         record.steps.clear();
         record.updated_at = Utc::now();
         if let Some(token) = self
@@ -581,44 +582,11 @@ impl Engine {
         if record.generation != generation {
             return Ok(None);
         }
-        let to = phase::next(record.phase, trigger)?;
-        let from = record.phase;
-        let (reason, message) = match failure {
-            Some((reason, message)) => (Some(reason.as_str()), Some(message)),
-            None => (None, None),
-        };
-        let before = (
-            record.phase,
-            record.reason.clone(),
-            record.message.clone(),
-            record.endpoint.clone(),
-        );
-        record.phase = to;
-        record.reason = reason.clone();
-        record.message = message.clone();
-        change(record);
-        let changed = before
-            != (
-                record.phase,
-                record.reason.clone(),
-                record.message.clone(),
-                record.endpoint.clone(),
-            );
-        if changed {
-            record.updated_at = Utc::now();
-        }
+        let event = apply_trigger(record, trigger, failure, change)?;
+        let to = record.phase;
         let ack = self.inner.store.save(record);
-        if changed {
-            self.emit(
-                record,
-                EventKind::Transition {
-                    from: Some(from),
-                    to,
-                    trigger: Some(trigger),
-                    reason,
-                    message,
-                },
-            );
+        if let Some(event) = event {
+            self.emit(record, event);
         }
         if to == Phase::Deleted {
             services.remove(id);
@@ -841,10 +809,20 @@ impl Engine {
     async fn converge(&self, record: ServiceRecord) -> Outcome {
         let generation = record.generation;
         let steps = self.inner.pipeline.initial_progress();
-        let started = self.transition(&record.id, generation, Trigger::Start, None, |r| {
+        // A service waiting for resources stays `pending` with its reason while it tries again;
+        // it turns `initializing` only once the step that blocked it gets through (see
+        // `RunObserver`), so clients do not see it flap between the two.
+        let retrying_blocked = record.phase == Phase::Pending && record.blocked_step.is_some();
+        let trigger = if retrying_blocked {
+            Trigger::Block
+        } else {
+            Trigger::Start
+        };
+        let started = self.transition(&record.id, generation, trigger, None, |r| {
             r.steps = steps;
-            // Keep the reason that sent a running service into repair visible while it recovers.
-            if r.phase == Phase::Recovering {
+            // Keep the reason visible while a blocked service retries and while a running
+            // service that lost a replica recovers.
+            if retrying_blocked || r.phase == Phase::Recovering {
                 r.reason = record.reason.clone();
                 r.message = record.message.clone();
             }
@@ -897,7 +875,7 @@ impl Engine {
                         generation,
                         Trigger::Block,
                         Some((failure.error.reason, message.clone())),
-                        |_| {},
+                        |r| r.blocked_step = Some(failure.step.clone()),
                     ))
                     .await;
                 match outcome {
@@ -1010,6 +988,50 @@ impl Engine {
     }
 }
 
+/// Moves `record` through the FSM: new phase, the failure's reason and message (cleared when
+/// there is none), then `change`. Returns the transition event when something visible changed.
+fn apply_trigger(
+    record: &mut ServiceRecord,
+    trigger: Trigger,
+    failure: Option<(FailureReason, String)>,
+    change: impl FnOnce(&mut ServiceRecord),
+) -> Result<Option<EventKind>, TransitionError> {
+    let to = phase::next(record.phase, trigger)?;
+    let from = record.phase;
+    let before = (
+        record.phase,
+        record.reason.take(),
+        record.message.take(),
+        record.endpoint.clone(),
+    );
+    if let Some((reason, message)) = failure {
+        record.reason = Some(reason.as_str());
+        record.message = Some(message);
+    }
+    record.phase = to;
+    if to != Phase::Pending {
+        record.blocked_step = None;
+    }
+    change(record);
+    let after = (
+        record.phase,
+        record.reason.clone(),
+        record.message.clone(),
+        record.endpoint.clone(),
+    );
+    if before == after {
+        return Ok(None);
+    }
+    record.updated_at = Utc::now();
+    Ok(Some(EventKind::Transition {
+        from: Some(from),
+        to,
+        trigger: Some(trigger),
+        reason: record.reason.clone(),
+        message: record.message.clone(),
+    }))
+}
+
 /// Every event also goes to the log, so an operator tailing it sees each long wait progress.
 fn log_event(id: &str, generation: u64, kind: &EventKind) {
     match kind {
@@ -1098,6 +1120,19 @@ impl PipelineObserver for RunObserver {
         else {
             return;
         };
+        // The step that blocked a pending service got through: it is initializing now.
+        let unblocked = match &event {
+            EventKind::StepSucceeded { step, .. } => {
+                record.phase == Phase::Pending
+                    && record.blocked_step.as_deref() == Some(step.as_str())
+            }
+            _ => false,
+        };
+        if unblocked {
+            if let Ok(Some(transition)) = apply_trigger(record, Trigger::Start, None, |_| {}) {
+                engine.emit(record, transition);
+            }
+        }
         // Teardown steps are events only; the record shows the deploy steps of this generation.
         if record.desired == Desired::Present {
             record.steps = steps.to_vec();

@@ -46,6 +46,9 @@ pub struct ServiceRecord {
     pub applied_generation: u64,
     /// Repairs made for the current generation.
     pub restarts: u32,
+    /// The step that is waiting for resources while the service is pending with a reason.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub blocked_step: Option<String>,
     /// Steps of the latest pipeline run (for the current generation).
     pub steps: Vec<StepProgress>,
     /// When the service was first deployed.
@@ -71,6 +74,7 @@ impl ServiceRecord {
             desired_replicas,
             applied_generation: 0,
             restarts: 0,
+            blocked_step: None,
             steps: Vec::new(),
             created_at: now,
             updated_at: now,

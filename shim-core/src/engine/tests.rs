@@ -9,12 +9,23 @@ use crate::store::RedbStore;
 use crate::testing::InstantShimlet;
 use crate::workload::WorkloadSpec;
 
+/// Blocked attempts left for the "gpu-later" model (one test uses it).
+static GPU_WAITS: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+
 fn test_pipeline() -> Pipeline {
     Pipeline::new("test")
         .step("apply", |ctx: PipelineContext| async move {
             let mut workload = WorkloadSpec::new(ctx.service_id(), ctx.generation(), "img");
             workload.replicas = ctx.spec().replicas();
             if ctx.spec().model_name == "needs-gpu" {
+                return Err(StepError::blocked(
+                    FailureReason::Unschedulable,
+                    "insufficient GPUs: 1 requested, 0 free",
+                ));
+            }
+            if ctx.spec().model_name == "gpu-later"
+                && GPU_WAITS.fetch_add(1, std::sync::atomic::Ordering::SeqCst) < 3
+            {
                 return Err(StepError::blocked(
                     FailureReason::Unschedulable,
                     "insufficient GPUs: 1 requested, 0 free",
@@ -368,5 +379,34 @@ async fn a_dry_run_renders_through_the_runtime_and_creates_nothing() {
         shimlet.applies("dry-run"),
         0,
         "nothing was applied to the real runtime"
+    );
+}
+
+#[tokio::test]
+async fn a_blocked_service_stays_pending_while_it_retries_then_initializes_once_unblocked() {
+    let (engine, _) = engine().await;
+    let mut events = engine.subscribe();
+    let id = engine.deploy(DeploySpec::named("gpu-later")).await.unwrap();
+    wait_for(&engine, &id, Phase::Running).await;
+    let mut phases = Vec::new();
+    while phases.last() != Some(&Phase::Running) {
+        if let EventKind::Transition { to, reason, .. } = events.recv().await.unwrap().kind {
+            phases.push(to);
+            if to == Phase::Pending && phases.len() > 1 {
+                assert_eq!(reason.as_deref(), Some("Unschedulable"));
+            }
+        }
+    }
+    // One try before anything is known to block, then pending (with the reason) through every
+    // retry, and initializing only once the GPU is there.
+    assert_eq!(
+        phases,
+        [
+            Phase::Pending,
+            Phase::Initializing,
+            Phase::Pending,
+            Phase::Initializing,
+            Phase::Running
+        ]
     );
 }
