@@ -291,3 +291,60 @@ fn the_cli_deploys_with_wait_lists_and_deletes() {
     assert!(ok && out.contains("notExist"), "{out}");
     shim.stop();
 }
+
+#[test]
+fn gpus_are_never_shared_and_a_service_that_does_not_fit_waits_as_pending() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let models = dir.path().join("models");
+    let _reaper = Reaper {
+        marker: models.display().to_string(),
+    };
+    std::fs::create_dir_all(models.join("m")).unwrap();
+    // A host with one GPU, declared in config (no real GPU is needed to test the allocator).
+    let config = dir.path().join("shim.yaml");
+    std::fs::write(&config, "engine:\n  gpus: [\"0\"]\n  defaultEngine: mock\n").unwrap();
+    let shim = Shim::start_with(
+        &data,
+        &models,
+        free_port(),
+        &["--config", config.to_str().unwrap()],
+    );
+    let gpu =
+        |n: u32| json!({ "modelName": "m", "resourceRequirements": { "acceleratorCount": n } });
+
+    let first = deploy(&shim, gpu(1));
+    wait_status(&shim, &first, 60, |d| d["status"] == "running");
+
+    // Too many for the host, and one more than is free: both wait with the reason.
+    let too_many = deploy(&shim, gpu(2));
+    let second = deploy(&shim, gpu(1));
+    for id in [&too_many, &second] {
+        let (status, _) = wait_status(&shim, id, 30, |d| d["reason"] == "Unschedulable");
+        assert_eq!(status["status"], "pending", "{status}");
+        assert!(
+            status["message"]
+                .as_str()
+                .unwrap()
+                .contains("insufficient GPUs"),
+            "{status}"
+        );
+    }
+    std::thread::sleep(Duration::from_secs(2));
+    let still = get(&shim.url(&format!("/api/v1/modserv/{second}"))).unwrap()["data"].clone();
+    assert_eq!(
+        still["status"], "pending",
+        "stays pending while it retries: {still}"
+    );
+
+    // Freeing the GPU lets the waiting service run.
+    send(
+        reqwest::Method::DELETE,
+        &shim.url(&format!("/api/v1/modserv/{first}")),
+        None,
+    );
+    wait_status(&shim, &second, 90, |d| d["status"] == "running");
+    let waiting = get(&shim.url(&format!("/api/v1/modserv/{too_many}"))).unwrap()["data"].clone();
+    assert_eq!(waiting["status"], "pending", "{waiting}");
+    shim.stop();
+}

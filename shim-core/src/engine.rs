@@ -624,6 +624,22 @@ impl Engine {
         self.enqueue_all();
     }
 
+    /// Queues the services waiting for resources.
+    fn enqueue_blocked(&self) {
+        let ids: Vec<String> = self
+            .inner
+            .services
+            .read()
+            .expect("services lock")
+            .values()
+            .filter(|r| r.blocked_step.is_some())
+            .map(|r| r.id.clone())
+            .collect();
+        for id in ids {
+            self.inner.queue.add(&id);
+        }
+    }
+
     /// Queues every live service (start-up and periodic resync).
     fn enqueue_all(&self) {
         let ids: Vec<String> = self
@@ -917,14 +933,19 @@ impl Engine {
         match result {
             None => Outcome::Done,
             Some(Ok(())) => {
-                self.settle(self.transition(
-                    &record.id,
-                    generation,
-                    Trigger::TornDown,
-                    None,
-                    |_| {},
-                ))
-                .await
+                let outcome = self
+                    .settle(self.transition(
+                        &record.id,
+                        generation,
+                        Trigger::TornDown,
+                        None,
+                        |_| {},
+                    ))
+                    .await;
+                // What it held (GPUs, ports) is free now: services waiting for resources need
+                // not sit out their backoff.
+                self.enqueue_blocked();
+                outcome
             }
             Some(Err(failure)) => {
                 let message = format!(
