@@ -15,7 +15,7 @@ mod tests {
             .iter()
             .map(|e| e.name)
             .collect();
-        assert_eq!(shimlets, ["docker", "process"]);
+        assert_eq!(shimlets, ["docker", "k8s", "process"]);
         let pipelines: Vec<_> = shim_core::registry::pipelines()
             .unwrap()
             .iter()

@@ -1128,40 +1128,54 @@ struct RunObserver {
     generation: u64,
 }
 
-impl PipelineObserver for RunObserver {
-    fn on_change(&self, steps: &[StepProgress], event: EventKind) {
+impl RunObserver {
+    /// Runs `f` on this run's record if it is still at this run's generation.
+    fn with_record(&self, f: impl FnOnce(&Engine, &mut ServiceRecord)) {
         let Some(inner) = self.engine.upgrade() else {
             return;
         };
         let engine = Engine { inner };
         let mut services = engine.inner.services.write().expect("services lock");
-        let Some(record) = services
+        if let Some(record) = services
             .get_mut(&self.id)
             .filter(|r| r.generation == self.generation)
-        else {
-            return;
-        };
-        // The step that blocked a pending service got through: it is initializing now.
-        let unblocked = match &event {
-            EventKind::StepSucceeded { step, .. } => {
-                record.phase == Phase::Pending
-                    && record.blocked_step.as_deref() == Some(step.as_str())
-            }
-            _ => false,
-        };
-        if unblocked {
-            if let Ok(Some(transition)) = apply_trigger(record, Trigger::Start, None, |_| {}) {
-                engine.emit(record, transition);
-            }
+        {
+            f(&engine, record);
         }
-        // Teardown steps are events only; the record shows the deploy steps of this generation.
-        if record.desired == Desired::Present {
-            record.steps = steps.to_vec();
-            if !matches!(event, EventKind::StepProgress { .. }) {
-                drop(engine.inner.store.save(record));
+    }
+}
+
+/// A pending service whose blocking step got through is initializing again.
+fn unblock(engine: &Engine, record: &mut ServiceRecord, step: &str) {
+    if record.phase == Phase::Pending
+        && record.blocked_step.as_deref() == Some(step)
+        && let Ok(Some(transition)) = apply_trigger(record, Trigger::Start, None, |_| {})
+    {
+        drop(engine.inner.store.save(record));
+        engine.emit(record, transition);
+    }
+}
+
+impl PipelineObserver for RunObserver {
+    fn on_change(&self, steps: &[StepProgress], event: EventKind) {
+        self.with_record(|engine, record| {
+            if let EventKind::StepSucceeded { step, .. } = &event {
+                unblock(engine, record, step);
             }
-        }
-        engine.emit(record, event);
+            // Teardown steps are events only; the record shows the deploy steps of this
+            // generation.
+            if record.desired == Desired::Present {
+                record.steps = steps.to_vec();
+                if !matches!(event, EventKind::StepProgress { .. }) {
+                    drop(engine.inner.store.save(record));
+                }
+            }
+            engine.emit(record, event);
+        });
+    }
+
+    fn on_unblocked(&self, step: &str) {
+        self.with_record(|engine, record| unblock(engine, record, step));
     }
 }
 

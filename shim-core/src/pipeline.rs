@@ -174,6 +174,12 @@ impl StepProgress {
 pub trait PipelineObserver: Send + Sync {
     /// `steps` is the whole run's progress after the change described by `event`.
     fn on_change(&self, steps: &[StepProgress], event: EventKind);
+
+    /// The running step says what it was blocked on is there now (see
+    /// [`PipelineContext::unblocked`]).
+    fn on_unblocked(&self, step: &str) {
+        let _ = step;
+    }
 }
 
 struct Step {
@@ -384,20 +390,20 @@ async fn run_steps(steps: &[Step], ctx: &PipelineContext) -> Result<(), StepFail
     for (index, step) in steps.iter().enumerate() {
         *ctx.inner.current_step.lock().expect("step lock") = index;
         let started = Instant::now();
-        if let Some(check) = &step.achieved {
-            if check(ctx.clone()).await {
-                progress[index].state = StepState::Skipped;
-                progress[index].duration_ms = Some(started.elapsed().as_millis() as u64);
-                ctx.publish(
-                    &progress,
-                    EventKind::StepSucceeded {
-                        step: step.name.clone(),
-                        duration_ms: 0,
-                        skipped: true,
-                    },
-                );
-                continue;
-            }
+        if let Some(check) = &step.achieved
+            && check(ctx.clone()).await
+        {
+            progress[index].state = StepState::Skipped;
+            progress[index].duration_ms = Some(started.elapsed().as_millis() as u64);
+            ctx.publish(
+                &progress,
+                EventKind::StepSucceeded {
+                    step: step.name.clone(),
+                    duration_ms: 0,
+                    skipped: true,
+                },
+            );
+            continue;
         }
         let mut attempt = 0;
         loop {
@@ -495,6 +501,7 @@ struct ContextInner {
     scratch: Mutex<HashMap<TypeId, Box<dyn Any + Send + Sync>>>,
     progress: Mutex<Vec<StepProgress>>,
     current_step: Mutex<usize>,
+    unblocked: std::sync::atomic::AtomicBool,
 }
 
 impl std::fmt::Debug for PipelineContext {
@@ -529,6 +536,7 @@ impl PipelineContext {
                 scratch: Mutex::new(HashMap::new()),
                 progress: Mutex::new(Vec::new()),
                 current_step: Mutex::new(0),
+                unblocked: std::sync::atomic::AtomicBool::new(false),
             }),
         }
     }
@@ -597,6 +605,30 @@ impl PipelineContext {
         self.inner
             .observer
             .on_change(&snapshot, EventKind::StepProgress { step, message });
+    }
+
+    /// Says that what this step was blocked on (resources, scheduling) is there now, so a service
+    /// that waited as `pending` is `initializing` again while the step goes on (e.g. pods were
+    /// scheduled and now load the model). Only the first call of a run counts.
+    pub fn unblocked(&self) {
+        if self
+            .inner
+            .unblocked
+            .swap(true, std::sync::atomic::Ordering::SeqCst)
+        {
+            return;
+        }
+        let index = *self.inner.current_step.lock().expect("step lock");
+        let step = self
+            .inner
+            .progress
+            .lock()
+            .expect("progress lock")
+            .get(index)
+            .map(|s| s.name.clone());
+        if let Some(step) = step {
+            self.inner.observer.on_unblocked(&step);
+        }
     }
 
     fn publish(&self, progress: &[StepProgress], event: EventKind) {

@@ -152,10 +152,10 @@ impl DeploySpec {
     pub fn validate(&self, policy: &ValidationPolicy) -> Result<(), Vec<FieldError>> {
         let mut errors = Vec::new();
         validate_model_name(&self.model_name, &mut errors);
-        if let Some(dir) = &self.model_file_dir {
-            if let Err(message) = check_model_dir(Path::new(dir), policy) {
-                errors.push(FieldError::new("modelFileDir", message));
-            }
+        if let Some(dir) = &self.model_file_dir
+            && let Err(message) = check_model_dir(Path::new(dir), policy)
+        {
+            errors.push(FieldError::new("modelFileDir", message));
         }
         if let Some(res) = &self.resource_requirements {
             if let Some(count) = res.accelerator_count {
@@ -175,13 +175,13 @@ impl DeploySpec {
                 }
             }
             for (field, value) in [("cpu", &res.cpu), ("memory", &res.memory)] {
-                if let Some(value) = value {
-                    if let Err(message) = quantity::parse(value) {
-                        errors.push(FieldError::new(
-                            format!("resourceRequirements.{field}"),
-                            message,
-                        ));
-                    }
+                if let Some(value) = value
+                    && let Err(message) = quantity::parse(value)
+                {
+                    errors.push(FieldError::new(
+                        format!("resourceRequirements.{field}"),
+                        message,
+                    ));
                 }
             }
         }
@@ -198,13 +198,13 @@ impl DeploySpec {
                 ));
             }
         }
-        if let Some(len) = self.context_length {
-            if !(1..=i64::from(u32::MAX)).contains(&len) {
-                errors.push(FieldError::new(
-                    "contextLength",
-                    "must be a positive integer",
-                ));
-            }
+        if let Some(len) = self.context_length
+            && !(1..=i64::from(u32::MAX)).contains(&len)
+        {
+            errors.push(FieldError::new(
+                "contextLength",
+                "must be a positive integer",
+            ));
         }
         let mut seen = HashSet::new();
         for (i, var) in self.env.iter().enumerate() {
@@ -235,10 +235,10 @@ impl DeploySpec {
                 ));
             }
         }
-        if let Some(engine) = &self.engine {
-            if engine.trim().is_empty() {
-                errors.push(FieldError::new("engine", "must not be empty when given"));
-            }
+        if let Some(engine) = &self.engine
+            && engine.trim().is_empty()
+        {
+            errors.push(FieldError::new("engine", "must not be empty when given"));
         }
         if errors.is_empty() {
             Ok(())

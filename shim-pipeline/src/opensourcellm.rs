@@ -345,14 +345,18 @@ async fn wait_ready(setup: Arc<Setup>, ctx: PipelineContext) -> Result<(), StepE
                 });
                 return Err(StepError::permanent(failure.reason, failure.message));
             }
+            // Cannot start yet (e.g. unschedulable pods): the service waits as `pending` with
+            // the runtime's reason, and the engine retries with backoff.
             WorkloadState::Pending => {
-                let why = seen
-                    .failure
-                    .map(|f| f.message)
-                    .unwrap_or_else(|| "waiting for resources".into());
-                format!("pending: {why}")
+                let failure = seen.failure.unwrap_or(shim_core::shimlet::Failure {
+                    reason: FailureReason::Unschedulable,
+                    message: "waiting for resources".into(),
+                });
+                return Err(StepError::blocked(failure.reason, failure.message));
             }
             WorkloadState::Starting | WorkloadState::Missing => {
+                // Scheduled and loading: no longer waiting for resources.
+                ctx.unblocked();
                 format!(
                     "{}/{} replicas ready after {waited} s (loading the model)",
                     seen.ready_replicas, workload.replicas
@@ -635,5 +639,55 @@ mod tests {
         assert_eq!(failure.step, "wait_ready");
         assert_eq!(failure.error.reason, FailureReason::Exited);
         assert!(failure.error.message.contains("error loading model"));
+    }
+
+    #[tokio::test]
+    async fn unschedulable_workloads_block_wait_ready_with_the_runtimes_reason() {
+        struct Unschedulable;
+        #[async_trait::async_trait]
+        impl Shimlet for Unschedulable {
+            async fn apply(&self, _: &WorkloadSpec) -> Result<(), shim_core::ShimletError> {
+                Ok(())
+            }
+            async fn observe(
+                &self,
+                _: &str,
+            ) -> Result<shim_core::WorkloadObservation, shim_core::ShimletError> {
+                Ok(shim_core::WorkloadObservation {
+                    state: WorkloadState::Pending,
+                    failure: Some(shim_core::shimlet::Failure {
+                        reason: FailureReason::Unschedulable,
+                        message: "0/3 nodes are available: insufficient nvidia.com/gpu".into(),
+                    }),
+                    ..shim_core::WorkloadObservation::missing()
+                })
+            }
+            async fn delete(&self, _: &str) -> Result<shim_core::Removal, shim_core::ShimletError> {
+                Ok(shim_core::Removal::Gone)
+            }
+            async fn list(
+                &self,
+            ) -> Result<Vec<shim_core::ManagedWorkload>, shim_core::ShimletError> {
+                Ok(vec![])
+            }
+        }
+        let s = setup(serde_json::json!({}));
+        let pipeline = build(&s.settings).unwrap();
+        let ctx = PipelineContext::new(
+            "x",
+            1,
+            DeploySpec::named("qwen"),
+            Arc::new(Unschedulable),
+            Arc::new(Quiet),
+        );
+        let failure = pipeline.run(&ctx).await.unwrap_err();
+        assert_eq!(failure.step, "wait_ready");
+        assert_eq!(failure.error.kind, shim_core::StepErrorKind::Blocked);
+        assert!(
+            failure
+                .error
+                .message
+                .contains("insufficient nvidia.com/gpu")
+        );
     }
 }

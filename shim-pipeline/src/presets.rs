@@ -220,13 +220,11 @@ impl Presets {
     /// The preset called `name`, following `fallback` when its program is not installed.
     pub fn resolve(&self, name: &str) -> Option<(&str, &EnginePreset)> {
         let (key, preset) = self.presets.get_key_value(name)?;
-        if let (Some(fallback), Some(program)) = (&preset.fallback, preset.command.first()) {
-            if find_program(program).is_none() {
-                if let Some((fallback_key, fallback_preset)) = self.presets.get_key_value(fallback)
-                {
-                    return Some((fallback_key, fallback_preset));
-                }
-            }
+        if let (Some(fallback), Some(program)) = (&preset.fallback, preset.command.first())
+            && find_program(program).is_none()
+            && let Some((fallback_key, fallback_preset)) = self.presets.get_key_value(fallback)
+        {
+            return Some((fallback_key, fallback_preset));
         }
         Some((key, preset))
     }

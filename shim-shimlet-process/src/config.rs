@@ -60,12 +60,12 @@ impl ProcessConfig {
                 self.stop_grace_period_secs
             ));
         }
-        if let Some([from, to]) = self.port_range {
-            if from == 0 || from > to {
-                return Err(format!(
-                    "shimlets.process.portRange must be [from, to] with 0 < from <= to, got [{from}, {to}]"
-                ));
-            }
+        if let Some([from, to]) = self.port_range
+            && (from == 0 || from > to)
+        {
+            return Err(format!(
+                "shimlets.process.portRange must be [from, to] with 0 < from <= to, got [{from}, {to}]"
+            ));
         }
         Ok(())
     }

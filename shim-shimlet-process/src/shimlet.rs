@@ -686,10 +686,8 @@ impl Inner {
                 .strip_prefix(&prefix)
                 .and_then(|rest| rest.strip_suffix(".log"))
                 .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()));
-            if ours {
-                if let Err(err) = std::fs::remove_file(entry.path()) {
-                    tracing::warn!(path = %entry.path().display(), error = %err, "cannot remove a replica log");
-                }
+            if ours && let Err(err) = std::fs::remove_file(entry.path()) {
+                tracing::warn!(path = %entry.path().display(), error = %err, "cannot remove a replica log");
             }
         }
     }

@@ -9,6 +9,9 @@ use crate::store::RedbStore;
 use crate::testing::InstantShimlet;
 use crate::workload::WorkloadSpec;
 
+/// Blocked attempts of the "scheduled-later" model (one test uses it).
+static SCHEDULING_WAITS: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+
 /// Blocked attempts left for the "gpu-later" model (one test uses it).
 static GPU_WAITS: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
 
@@ -38,6 +41,20 @@ fn test_pipeline() -> Pipeline {
                 ));
             }
             ctx.shimlet().apply(&workload).await?;
+            Ok(())
+        })
+        .step("wait", |ctx: PipelineContext| async move {
+            if ctx.spec().model_name == "scheduled-later" {
+                if SCHEDULING_WAITS.fetch_add(1, std::sync::atomic::Ordering::SeqCst) < 2 {
+                    return Err(StepError::blocked(
+                        FailureReason::Unschedulable,
+                        "0/3 nodes are available",
+                    ));
+                }
+                // Scheduled now; the model loads for a while before the step is done.
+                ctx.unblocked();
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
             Ok(())
         })
         .step("expose", |ctx: PipelineContext| async move {
@@ -360,7 +377,7 @@ async fn a_dry_run_renders_through_the_runtime_and_creates_nothing() {
     assert_eq!(dry.workloads.len(), 1);
     assert_eq!(dry.workloads[0].replicas, 3);
     assert_eq!(dry.manifests[0]["instant"]["replicas"], 3);
-    assert_eq!(dry.steps.len(), 2);
+    assert_eq!(dry.steps.len(), 3);
     // A step that stops names itself.
     let err = engine
         .dry_run(DeploySpec::named("broken"))
@@ -407,6 +424,41 @@ async fn a_blocked_service_stays_pending_while_it_retries_then_initializes_once_
             Phase::Pending,
             Phase::Initializing,
             Phase::Running
+        ]
+    );
+}
+
+#[tokio::test]
+async fn a_step_that_waited_for_scheduling_turns_the_service_initializing_while_it_loads() {
+    let (engine, _) = engine().await;
+    let mut events = engine.subscribe();
+    let id = engine
+        .deploy(DeploySpec::named("scheduled-later"))
+        .await
+        .unwrap();
+    wait_for(&engine, &id, Phase::Running).await;
+    let mut seen = Vec::new();
+    loop {
+        match events.recv().await.unwrap().kind {
+            EventKind::Transition { to, .. } => seen.push(format!("{to}")),
+            EventKind::StepSucceeded { step, .. } if step == "wait" => {
+                seen.push("wait done".into())
+            }
+            _ => continue,
+        }
+        if seen.last().map(String::as_str) == Some("running") {
+            break;
+        }
+    }
+    assert_eq!(
+        seen,
+        [
+            "pending",
+            "initializing",
+            "pending",
+            "initializing",
+            "wait done",
+            "running"
         ]
     );
 }

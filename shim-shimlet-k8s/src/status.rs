@@ -1,0 +1,547 @@
+//! From cluster objects to a [`WorkloadObservation`]: a pure function of what the watches last
+//! delivered (the Deployment, its Service and its pods) and of what this shimlet last applied.
+//! It never calls the API server, which is why `observe` is cheap enough for every status read.
+//!
+//! The rules, in order:
+//! 1. No Deployment: `Missing` (or `Starting` when our own apply has not reached the watch yet).
+//! 2. The Deployment is behind our last apply (`metadata.generation` lower): `Starting`; ahead of
+//!    it: changed behind the shim's back, `Starting` with a reason, so the engine re-applies.
+//! 3. Rollout complete (the controller saw the newest spec, every wanted replica runs it and is
+//!    ready, no old replica is left) and the Service exists: `Ready` with the address.
+//! 4. Otherwise the pods explain why: image pull errors (`Failed`, `ImagePull`), crash loops
+//!    (`Failed`, `CrashLoop`, or `OutOfMemory` when the last exit was an OOM kill), missing
+//!    programs (`BinaryNotFound`), unschedulable pods (`Pending`, `Unschedulable`, with the
+//!    scheduler's own message).
+//! 5. Then the Deployment's conditions: `ProgressDeadlineExceeded` (`Failed`, `StartupTimeout`),
+//!    `ReplicaFailure` (quota: `Pending`; anything else, e.g. an admission denial: `Failed`).
+//! 6. Else `Starting`: scheduled, pulling, or loading the model.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::{ContainerStatus, Pod, Service};
+use shim_core::shimlet::Failure;
+use shim_core::{FailureReason, WorkloadObservation, WorkloadState};
+
+use crate::config::{EndpointMode, K8sConfig};
+use crate::names::ANNOTATION_GENERATION;
+
+/// Waiting reasons that mean the image cannot be pulled.
+const IMAGE_PULL_REASONS: &[&str] = &[
+    "ErrImagePull",
+    "ImagePullBackOff",
+    "InvalidImageName",
+    "ErrImageNeverPull",
+    "RegistryUnavailable",
+    "SignatureValidationFailed",
+];
+/// Waiting reasons that mean the container cannot be created or started as specified.
+const CREATE_REASONS: &[&str] = &[
+    "CreateContainerConfigError",
+    "CreateContainerError",
+    "RunContainerError",
+    "PreCreateHookError",
+    "PreStartHookError",
+];
+
+/// What this shimlet knows of its own last apply of a service (nothing the cluster holds).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ApplyMark {
+    /// The Deployment's `metadata.generation` in the apply's answer.
+    pub object_generation: i64,
+    /// Spec generation that was applied.
+    pub spec_generation: u64,
+    /// Replicas that were applied.
+    pub replicas: u32,
+    /// Whether the watch has delivered the Deployment at `object_generation` (or later) since.
+    pub seen: bool,
+    /// An apply is under way: the view may show its effect before its answer arrives.
+    pub in_flight: bool,
+}
+
+impl ApplyMark {
+    /// A mark for a Deployment first seen in the cluster (re-adopted after a restart): later
+    /// changes to it are compared with this generation.
+    pub fn adopted(object_generation: i64, spec_generation: u64, replicas: u32) -> Self {
+        Self {
+            object_generation,
+            spec_generation,
+            replicas,
+            seen: true,
+            in_flight: false,
+        }
+    }
+}
+
+/// The objects of one service, as the watches last delivered them, by name.
+#[derive(Debug, Clone, Default)]
+pub struct ServiceObjects {
+    /// Deployments labelled with the service id (one, or two briefly after a model rename).
+    pub deployments: BTreeMap<String, Arc<Deployment>>,
+    /// Services labelled with the service id.
+    pub services: BTreeMap<String, Arc<Service>>,
+    /// Pods labelled with the service id.
+    pub pods: BTreeMap<String, Arc<Pod>>,
+}
+
+impl ServiceObjects {
+    /// Whether no object is left.
+    pub fn is_empty(&self) -> bool {
+        self.deployments.is_empty() && self.services.is_empty() && self.pods.is_empty()
+    }
+
+    /// The service's Deployment: the live one applied from the newest spec generation (another
+    /// one is left over from a renamed model and about to be deleted).
+    pub fn deployment(&self) -> Option<&Deployment> {
+        self.deployments
+            .values()
+            .filter(|d| d.metadata.deletion_timestamp.is_none())
+            .max_by_key(|d| spec_generation(d).unwrap_or(0))
+            .map(Arc::as_ref)
+    }
+
+    /// The live Service called `name`.
+    pub fn service(&self, name: &str) -> Option<&Service> {
+        self.services
+            .get(name)
+            .filter(|s| s.metadata.deletion_timestamp.is_none())
+            .map(Arc::as_ref)
+    }
+
+    /// Live pods of the Deployment called `name` (pod names are `<deployment>-<hash>-<suffix>`).
+    pub fn pods_of<'a>(&'a self, name: &'a str) -> impl Iterator<Item = &'a Pod> + 'a {
+        let prefix = format!("{name}-");
+        self.pods
+            .iter()
+            .filter(move |(pod_name, _)| pod_name.starts_with(&prefix))
+            .map(|(_, pod)| pod.as_ref())
+            .filter(|pod| {
+                pod.metadata.deletion_timestamp.is_none()
+                    && !matches!(
+                        pod.status.as_ref().and_then(|s| s.phase.as_deref()),
+                        Some("Succeeded" | "Failed")
+                    )
+            })
+    }
+}
+
+/// The spec generation a managed object was applied from (its annotation).
+pub fn spec_generation(deployment: &Deployment) -> Option<u64> {
+    deployment
+        .metadata
+        .annotations
+        .as_ref()?
+        .get(ANNOTATION_GENERATION)?
+        .parse()
+        .ok()
+}
+
+/// Builds the base URL of a ready workload, following `endpointMode`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EndpointResolver {
+    mode: EndpointMode,
+    namespace: String,
+    cluster_domain: String,
+    external_base_url: Option<String>,
+    node_address: Option<String>,
+}
+
+impl EndpointResolver {
+    /// The resolver for `config`, with objects in `namespace`.
+    pub fn new(config: &K8sConfig, namespace: &str) -> Self {
+        Self {
+            mode: config.effective_endpoint_mode(),
+            namespace: namespace.to_string(),
+            cluster_domain: config.cluster_domain.clone(),
+            external_base_url: config.external_base_url.clone(),
+            node_address: config.node_address.clone(),
+        }
+    }
+
+    /// The base URL for `service` (whose ready pods are `pods`), or why there is none yet.
+    pub fn address(
+        &self,
+        service: &Service,
+        pods: &[&Pod],
+        service_id: &str,
+    ) -> Result<String, String> {
+        let name = service.metadata.name.as_deref().unwrap_or_default();
+        let port = service
+            .spec
+            .as_ref()
+            .and_then(|s| s.ports.as_ref())
+            .and_then(|p| p.first());
+        let Some(port) = port else {
+            return Err(format!("Service {name} has no port"));
+        };
+        match self.mode {
+            EndpointMode::ClusterDns => Ok(format!(
+                "http://{name}.{}.svc.{}:{}",
+                self.namespace, self.cluster_domain, port.port
+            )),
+            EndpointMode::NodePort => {
+                let Some(node_port) = port.node_port else {
+                    return Err(format!("Service {name} has no node port yet"));
+                };
+                let host = match &self.node_address {
+                    Some(host) => host.clone(),
+                    None => pods
+                        .iter()
+                        .filter(|p| pod_ready(p))
+                        .find_map(|p| p.status.as_ref()?.host_ip.clone())
+                        .ok_or_else(|| "no ready pod to take a node address from".to_string())?,
+                };
+                Ok(http_url(&host, node_port))
+            }
+            EndpointMode::LoadBalancer => {
+                let ingress = service
+                    .status
+                    .as_ref()
+                    .and_then(|s| s.load_balancer.as_ref())
+                    .and_then(|lb| lb.ingress.as_ref())
+                    .and_then(|i| i.first())
+                    .and_then(|i| i.ip.clone().or_else(|| i.hostname.clone()));
+                match ingress {
+                    Some(host) => Ok(http_url(&host, port.port)),
+                    None => Err(format!(
+                        "waiting for the load balancer of Service {name} to get an address"
+                    )),
+                }
+            }
+            EndpointMode::External => {
+                let base = self.external_base_url.as_deref().unwrap_or_default();
+                Ok(base
+                    .replace("{name}", name)
+                    .replace("{serviceId}", service_id)
+                    .replace("{namespace}", &self.namespace)
+                    .trim_end_matches('/')
+                    .to_string())
+            }
+        }
+    }
+}
+
+/// `http://host:port`, with brackets around IPv6 literals.
+fn http_url(host: &str, port: i32) -> String {
+    if host.contains(':') && !host.starts_with('[') {
+        format!("http://[{host}]:{port}")
+    } else {
+        format!("http://{host}:{port}")
+    }
+}
+
+/// What the cluster shows for one service. See the [module docs](self) for the rules.
+pub fn observe(
+    objects: &ServiceObjects,
+    mark: Option<&ApplyMark>,
+    endpoints: &EndpointResolver,
+    service_id: &str,
+) -> WorkloadObservation {
+    let Some(deployment) = objects.deployment() else {
+        return match mark {
+            // Applied, but the watch has not delivered it yet.
+            Some(m) if m.in_flight || !m.seen => WorkloadObservation {
+                state: WorkloadState::Starting,
+                ready_replicas: 0,
+                desired_replicas: m.replicas,
+                address: None,
+                generation: Some(m.spec_generation),
+                failure: None,
+            },
+            _ => WorkloadObservation::missing(),
+        };
+    };
+    let name = deployment.metadata.name.as_deref().unwrap_or_default();
+    let desired = count(
+        deployment
+            .spec
+            .as_ref()
+            .and_then(|s| s.replicas)
+            .unwrap_or(1),
+    );
+    let ready = deployment
+        .status
+        .as_ref()
+        .and_then(|s| s.ready_replicas)
+        .unwrap_or(0);
+    let mut seen = WorkloadObservation {
+        state: WorkloadState::Starting,
+        ready_replicas: count(ready),
+        desired_replicas: desired,
+        address: None,
+        generation: spec_generation(deployment),
+        failure: None,
+    };
+    let object_generation = deployment.metadata.generation.unwrap_or(0);
+    if let Some(m) = mark {
+        if m.in_flight || (!m.seen && object_generation < m.object_generation) {
+            // The view still shows the spec before our apply.
+            seen.generation = Some(m.spec_generation);
+            seen.desired_replicas = m.replicas;
+            return seen;
+        }
+        if object_generation > m.object_generation {
+            seen.failure = Some(Failure {
+                reason: FailureReason::RuntimeError,
+                message: format!(
+                    "Deployment {name} was changed outside xmod-shim (generation {object_generation}, \
+                     last applied {}); applying again restores it",
+                    m.object_generation
+                ),
+            });
+            return seen;
+        }
+    }
+    if rollout_complete(deployment, desired) {
+        let Some(service) = objects.service(name) else {
+            seen.failure = Some(Failure {
+                reason: FailureReason::WorkloadMissing,
+                message: format!("Service {name} is missing; applying again restores it"),
+            });
+            return seen;
+        };
+        if desired == 0 {
+            seen.state = WorkloadState::Ready;
+            return seen;
+        }
+        let pods: Vec<&Pod> = objects.pods_of(name).collect();
+        if let Ok(address) = endpoints.address(service, &pods, service_id) {
+            seen.state = WorkloadState::Ready;
+            seen.address = Some(address);
+        }
+        return seen;
+    }
+    let pods: Vec<&Pod> = objects.pods_of(name).collect();
+    if let Some((state, failure)) = pods_failure(&pods) {
+        seen.state = state;
+        seen.failure = Some(failure);
+        return seen;
+    }
+    if let Some((state, failure)) = deployment_failure(deployment) {
+        seen.state = state;
+        seen.failure = Some(failure);
+    }
+    seen
+}
+
+fn count(n: i32) -> u32 {
+    u32::try_from(n).unwrap_or(0)
+}
+
+/// `kubectl rollout status`'s test, plus readiness: the controller has seen the newest spec,
+/// every wanted replica runs it and is ready, and no replica of an older spec is left.
+fn rollout_complete(deployment: &Deployment, desired: u32) -> bool {
+    let Some(status) = &deployment.status else {
+        return false;
+    };
+    let observed =
+        status.observed_generation.unwrap_or(0) >= deployment.metadata.generation.unwrap_or(0);
+    let updated = count(status.updated_replicas.unwrap_or(0));
+    let total = count(status.replicas.unwrap_or(0));
+    let ready = count(status.ready_replicas.unwrap_or(0));
+    observed && updated >= desired && total <= updated && ready >= desired
+}
+
+/// The most serious thing the pods report: a failure before a pending one.
+fn pods_failure(pods: &[&Pod]) -> Option<(WorkloadState, Failure)> {
+    let mut pending = None;
+    for pod in pods {
+        match pod_failure(pod) {
+            Some((WorkloadState::Failed, failure)) => {
+                return Some((WorkloadState::Failed, failure));
+            }
+            Some(found) if pending.is_none() => pending = Some(found),
+            _ => {}
+        }
+    }
+    pending
+}
+
+/// Why one pod cannot run, if it says.
+pub fn pod_failure(pod: &Pod) -> Option<(WorkloadState, Failure)> {
+    let pod_name = pod.metadata.name.as_deref().unwrap_or_default();
+    let status = pod.status.as_ref()?;
+    let containers = status
+        .init_container_statuses
+        .iter()
+        .flatten()
+        .chain(status.container_statuses.iter().flatten());
+    for container in containers {
+        if let Some(failure) = container_failure(pod_name, container) {
+            return Some((WorkloadState::Failed, failure));
+        }
+    }
+    let unschedulable = status.conditions.iter().flatten().find(|c| {
+        c.type_ == "PodScheduled"
+            && c.status == "False"
+            && c.reason.as_deref() == Some("Unschedulable")
+    })?;
+    Some((
+        WorkloadState::Pending,
+        Failure {
+            reason: FailureReason::Unschedulable,
+            message: unschedulable
+                .message
+                .clone()
+                .unwrap_or_else(|| format!("pod {pod_name} cannot be scheduled")),
+        },
+    ))
+}
+
+fn container_failure(pod: &str, container: &ContainerStatus) -> Option<Failure> {
+    let waiting = container.state.as_ref()?.waiting.as_ref()?;
+    let reason = waiting.reason.as_deref()?;
+    let said = waiting.message.as_deref().unwrap_or_default().trim();
+    let name = &container.name;
+    if IMAGE_PULL_REASONS.contains(&reason) {
+        return Some(Failure {
+            reason: FailureReason::ImagePull,
+            message: join(
+                format!(
+                    "pod {pod}: container {name} cannot pull image {:?}: {reason}",
+                    container.image
+                ),
+                said,
+            ),
+        });
+    }
+    if reason == "CrashLoopBackOff" {
+        let restarts = container.restart_count;
+        let last = container
+            .last_state
+            .as_ref()
+            .and_then(|s| s.terminated.as_ref());
+        let Some(last) = last else {
+            return Some(Failure {
+                reason: FailureReason::CrashLoop,
+                message: join(
+                    format!("pod {pod}: container {name} keeps crashing ({restarts} restarts)"),
+                    said,
+                ),
+            });
+        };
+        let exit = last.reason.as_deref().unwrap_or("Error");
+        let output = last.message.as_deref().unwrap_or_default().trim();
+        let (reason, what) = if exit == "OOMKilled" {
+            (
+                FailureReason::OutOfMemory,
+                format!(
+                    "pod {pod}: container {name} was killed for running out of memory (OOMKilled, \
+                     exit code {}) and keeps restarting ({restarts} restarts)",
+                    last.exit_code
+                ),
+            )
+        } else if looks_like_missing_binary(output) {
+            (
+                FailureReason::BinaryNotFound,
+                format!("pod {pod}: container {name} cannot start its program ({exit})"),
+            )
+        } else {
+            (
+                FailureReason::CrashLoop,
+                format!(
+                    "pod {pod}: container {name} keeps crashing ({restarts} restarts); last exit \
+                     code {} ({exit})",
+                    last.exit_code
+                ),
+            )
+        };
+        return Some(Failure {
+            reason,
+            message: join(what, output),
+        });
+    }
+    if CREATE_REASONS.contains(&reason) {
+        let reason_type = if looks_like_missing_binary(said) {
+            FailureReason::BinaryNotFound
+        } else {
+            FailureReason::RuntimeError
+        };
+        return Some(Failure {
+            reason: reason_type,
+            message: join(format!("pod {pod}: container {name}: {reason}"), said),
+        });
+    }
+    None
+}
+
+fn join(what: String, detail: &str) -> String {
+    if detail.is_empty() {
+        what
+    } else {
+        format!("{what}: {detail}")
+    }
+}
+
+/// Container runtimes' words for "the program is not in the image".
+fn looks_like_missing_binary(text: &str) -> bool {
+    let lower = text.to_ascii_lowercase();
+    lower.contains("executable file not found") || lower.contains("no such file or directory")
+}
+
+/// Whether a pod's `Ready` condition is true.
+pub fn pod_ready(pod: &Pod) -> bool {
+    pod.status
+        .as_ref()
+        .and_then(|s| s.conditions.as_ref())
+        .is_some_and(|conditions| {
+            conditions
+                .iter()
+                .any(|c| c.type_ == "Ready" && c.status == "True")
+        })
+}
+
+/// What the Deployment's own conditions say when its pods say nothing.
+fn deployment_failure(deployment: &Deployment) -> Option<(WorkloadState, Failure)> {
+    let conditions = deployment.status.as_ref()?.conditions.as_ref()?;
+    let name = deployment.metadata.name.as_deref().unwrap_or_default();
+    if let Some(c) = conditions.iter().find(|c| {
+        c.type_ == "Progressing"
+            && c.status == "False"
+            && c.reason.as_deref() == Some("ProgressDeadlineExceeded")
+    }) {
+        return Some((
+            WorkloadState::Failed,
+            Failure {
+                reason: FailureReason::StartupTimeout,
+                message: join(
+                    format!("Deployment {name}: ProgressDeadlineExceeded"),
+                    c.message.as_deref().unwrap_or_default(),
+                ),
+            },
+        ));
+    }
+    let c = conditions
+        .iter()
+        .find(|c| c.type_ == "ReplicaFailure" && c.status == "True")?;
+    let message = join(
+        format!(
+            "Deployment {name}: {}",
+            c.reason.as_deref().unwrap_or("ReplicaFailure")
+        ),
+        c.message.as_deref().unwrap_or_default(),
+    );
+    // A full quota frees up when other workloads go; anything else (an admission webhook or a
+    // pod security policy refusing the pod) will not change by waiting.
+    if message.contains("exceeded quota") {
+        Some((
+            WorkloadState::Pending,
+            Failure {
+                reason: FailureReason::Unschedulable,
+                message,
+            },
+        ))
+    } else {
+        Some((
+            WorkloadState::Failed,
+            Failure {
+                reason: FailureReason::RuntimeError,
+                message,
+            },
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests;

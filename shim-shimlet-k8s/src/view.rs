@@ -1,0 +1,572 @@
+//! The in-memory view of the cluster that `observe` reads: kube-runtime watchers on the managed
+//! Deployments, Services and Pods (label `app.kubernetes.io/managed-by=xmod-shim`) feed it, indexed
+//! by service id, and every change tells the engine through its [`Notifier`].
+//!
+//! Relists (at start, and after a watch broke for longer than the server keeps history) follow
+//! kube-runtime's protocol: objects arrive between `Init` and `InitDone` and replace that kind's
+//! objects in one step, so a read never sees a half-listed cluster.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::fmt::Debug;
+use std::sync::{Arc, Mutex, RwLock, Weak};
+use std::time::Duration;
+
+use futures::StreamExt as _;
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::{Pod, Service};
+use kube::Resource;
+use kube::api::Api;
+use kube::runtime::watcher::{self, Event};
+use kube::runtime::{WatchStreamExt as _, watcher as watch_stream};
+use serde::de::DeserializeOwned;
+use shim_core::{Notifier, WorkloadObservation};
+use tokio::task::AbortHandle;
+
+use crate::names::{ANNOTATION_GENERATION, MANAGED_SELECTOR, service_id_of};
+use crate::status::{self, ApplyMark, EndpointResolver, ServiceObjects};
+
+/// The kinds watched.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Kind {
+    Deployment = 0,
+    Service = 1,
+    Pod = 2,
+}
+
+impl Kind {
+    const ALL_SYNCED: u8 = 0b111;
+
+    fn bit(self) -> u8 {
+        1 << (self as u8)
+    }
+
+    pub(crate) fn plural(self) -> &'static str {
+        match self {
+            Self::Deployment => "deployments",
+            Self::Service => "services",
+            Self::Pod => "pods",
+        }
+    }
+}
+
+/// A watched kind: where its objects live in a service's entry and in the relist buffer.
+pub(crate) trait Tracked:
+    Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug + Send + Sync + 'static
+{
+    const KIND: Kind;
+    fn slot(objects: &mut ServiceObjects) -> &mut BTreeMap<String, Arc<Self>>;
+    fn buffer(buffers: &mut Buffers) -> &mut Option<Vec<Arc<Self>>>;
+}
+
+impl Tracked for Deployment {
+    const KIND: Kind = Kind::Deployment;
+    fn slot(objects: &mut ServiceObjects) -> &mut BTreeMap<String, Arc<Self>> {
+        &mut objects.deployments
+    }
+    fn buffer(buffers: &mut Buffers) -> &mut Option<Vec<Arc<Self>>> {
+        &mut buffers.deployments
+    }
+}
+
+impl Tracked for Service {
+    const KIND: Kind = Kind::Service;
+    fn slot(objects: &mut ServiceObjects) -> &mut BTreeMap<String, Arc<Self>> {
+        &mut objects.services
+    }
+    fn buffer(buffers: &mut Buffers) -> &mut Option<Vec<Arc<Self>>> {
+        &mut buffers.services
+    }
+}
+
+impl Tracked for Pod {
+    const KIND: Kind = Kind::Pod;
+    fn slot(objects: &mut ServiceObjects) -> &mut BTreeMap<String, Arc<Self>> {
+        &mut objects.pods
+    }
+    fn buffer(buffers: &mut Buffers) -> &mut Option<Vec<Arc<Self>>> {
+        &mut buffers.pods
+    }
+}
+
+/// Objects of a relist in progress, per kind.
+#[derive(Default)]
+pub(crate) struct Buffers {
+    deployments: Option<Vec<Arc<Deployment>>>,
+    services: Option<Vec<Arc<Service>>>,
+    pods: Option<Vec<Arc<Pod>>>,
+}
+
+/// One service: its objects and what this shimlet last applied.
+#[derive(Debug, Default)]
+struct Entry {
+    objects: ServiceObjects,
+    mark: Option<ApplyMark>,
+}
+
+#[derive(Default)]
+struct State {
+    services: HashMap<String, Entry>,
+    buffers: Buffers,
+}
+
+/// The view; see the [module docs](self).
+pub(crate) struct View {
+    state: RwLock<State>,
+    endpoints: EndpointResolver,
+    synced: tokio::sync::watch::Sender<u8>,
+    /// The last error of each watch, for start-up messages.
+    errors: Mutex<[Option<String>; 3]>,
+    /// Told of every service whose objects changed.
+    notifier: RwLock<Notifier>,
+}
+
+impl View {
+    pub(crate) fn new(endpoints: EndpointResolver, notifier: Notifier) -> Self {
+        Self {
+            state: RwLock::default(),
+            endpoints,
+            synced: tokio::sync::watch::channel(0).0,
+            errors: Mutex::default(),
+            notifier: RwLock::new(notifier),
+        }
+    }
+
+    /// Sends later changes to `notifier`.
+    pub(crate) fn set_notifier(&self, notifier: Notifier) {
+        *self.notifier.write().unwrap_or_else(|e| e.into_inner()) = notifier;
+    }
+
+    fn notify(&self, ids: &BTreeSet<String>) {
+        let notifier = self.notifier.read().unwrap_or_else(|e| e.into_inner());
+        for id in ids {
+            notifier.changed(id);
+        }
+    }
+
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, State> {
+        // A panic while holding the lock leaves consistent data (every update is one step).
+        self.state.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, State> {
+        self.state.write().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// What the view shows for a service: memory only, never the API server.
+    pub(crate) fn observe(&self, service_id: &str) -> WorkloadObservation {
+        let state = self.read();
+        match state.services.get(service_id) {
+            Some(entry) => status::observe(
+                &entry.objects,
+                entry.mark.as_ref(),
+                &self.endpoints,
+                service_id,
+            ),
+            None => WorkloadObservation::missing(),
+        }
+    }
+
+    /// Runs `f` on a service's objects (empty when unknown).
+    pub(crate) fn with_objects<R>(
+        &self,
+        service_id: &str,
+        f: impl FnOnce(&ServiceObjects) -> R,
+    ) -> R {
+        let state = self.read();
+        match state.services.get(service_id) {
+            Some(entry) => f(&entry.objects),
+            None => f(&ServiceObjects::default()),
+        }
+    }
+
+    /// Services in the view.
+    pub(crate) fn len(&self) -> usize {
+        self.read().services.len()
+    }
+
+    /// Notes that an apply starts; returns the mark to restore if it fails.
+    pub(crate) fn begin_apply(
+        &self,
+        service_id: &str,
+        spec_generation: u64,
+        replicas: u32,
+    ) -> Option<ApplyMark> {
+        let mut state = self.write();
+        let entry = state.services.entry(service_id.to_string()).or_default();
+        let previous = entry.mark;
+        entry.mark = Some(match previous {
+            Some(mark) => ApplyMark {
+                in_flight: true,
+                ..mark
+            },
+            None => ApplyMark {
+                object_generation: i64::MAX,
+                spec_generation,
+                replicas,
+                seen: false,
+                in_flight: true,
+            },
+        });
+        previous
+    }
+
+    /// Records a Deployment apply's answer (its `metadata.generation`).
+    pub(crate) fn finish_apply(
+        &self,
+        service_id: &str,
+        name: &str,
+        object_generation: i64,
+        spec_generation: u64,
+        replicas: u32,
+    ) {
+        let mut state = self.write();
+        let entry = state.services.entry(service_id.to_string()).or_default();
+        // The watch may have been quicker than the answer.
+        let seen = entry
+            .objects
+            .deployments
+            .get(name)
+            .and_then(|d| d.metadata.generation)
+            .is_some_and(|g| g >= object_generation);
+        entry.mark = Some(ApplyMark {
+            object_generation,
+            spec_generation,
+            replicas,
+            seen,
+            in_flight: false,
+        });
+    }
+
+    /// Puts back the mark from before a failed apply.
+    pub(crate) fn abort_apply(&self, service_id: &str, previous: Option<ApplyMark>) {
+        let mut state = self.write();
+        if let Some(entry) = state.services.get_mut(service_id) {
+            entry.mark = previous;
+            if entry.mark.is_none() && entry.objects.is_empty() {
+                state.services.remove(service_id);
+            }
+        }
+    }
+
+    /// Forgets a service whose objects are gone.
+    pub(crate) fn forget(&self, service_id: &str) {
+        let mut state = self.write();
+        if let Some(entry) = state.services.get_mut(service_id) {
+            entry.mark = None;
+            if entry.objects.is_empty() {
+                state.services.remove(service_id);
+            }
+        }
+    }
+
+    /// Applies one watch event; returns the service ids whose objects changed.
+    pub(crate) fn apply_event<K: Tracked>(&self, event: Event<K>) -> BTreeSet<String> {
+        let mut changed = BTreeSet::new();
+        let mut state = self.write();
+        match event {
+            Event::Init => *K::buffer(&mut state.buffers) = Some(Vec::new()),
+            Event::InitApply(object) => {
+                K::buffer(&mut state.buffers)
+                    .get_or_insert_with(Vec::new)
+                    .push(Arc::new(trim(object)));
+            }
+            Event::InitDone => {
+                let listed = K::buffer(&mut state.buffers).take().unwrap_or_default();
+                for (id, entry) in &mut state.services {
+                    let slot = K::slot(&mut entry.objects);
+                    if !slot.is_empty() {
+                        slot.clear();
+                        changed.insert(id.clone());
+                    }
+                }
+                for object in listed {
+                    if let Some(id) = insert(&mut state, object) {
+                        changed.insert(id);
+                    }
+                }
+                state
+                    .services
+                    .retain(|_, e| e.mark.is_some() || !e.objects.is_empty());
+                drop(state);
+                self.synced.send_modify(|bits| *bits |= K::KIND.bit());
+                return changed;
+            }
+            Event::Apply(object) => {
+                if let Some(id) = insert(&mut state, Arc::new(trim(object))) {
+                    changed.insert(id);
+                }
+            }
+            Event::Delete(object) => {
+                let name = object.meta().name.clone().unwrap_or_default();
+                if let Some(id) = service_id_of(object.meta().labels.as_ref()) {
+                    let id = id.to_string();
+                    if let Some(entry) = state.services.get_mut(&id) {
+                        K::slot(&mut entry.objects).remove(&name);
+                        if entry.mark.is_none() && entry.objects.is_empty() {
+                            state.services.remove(&id);
+                        }
+                    }
+                    changed.insert(id);
+                }
+            }
+        }
+        changed
+    }
+
+    fn record_error(&self, kind: Kind, error: String) {
+        let mut errors = self.errors.lock().unwrap_or_else(|e| e.into_inner());
+        errors[kind as usize] = Some(error);
+    }
+
+    /// Waits until every kind has been listed once; on timeout, says which have not and why.
+    pub(crate) async fn wait_synced(&self, timeout: Duration) -> Result<(), String> {
+        let mut synced = self.synced.subscribe();
+        let done =
+            tokio::time::timeout(timeout, synced.wait_for(|bits| *bits == Kind::ALL_SYNCED)).await;
+        if matches!(done, Ok(Ok(_))) {
+            return Ok(());
+        }
+        let bits = *self.synced.borrow();
+        let errors = self
+            .errors
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        let missing: Vec<String> = [Kind::Deployment, Kind::Service, Kind::Pod]
+            .into_iter()
+            .filter(|k| bits & k.bit() == 0)
+            .map(|k| match &errors[k as usize] {
+                Some(error) => format!("{} ({error})", k.plural()),
+                None => k.plural().to_string(),
+            })
+            .collect();
+        Err(format!(
+            "could not list and watch managed {} within {timeout:?}",
+            missing.join(", ")
+        ))
+    }
+}
+
+/// Drops what the view never reads: managed fields are most of an object's size.
+fn trim<K: Resource>(mut object: K) -> K {
+    object.meta_mut().managed_fields = None;
+    object
+}
+
+/// Puts an object in its service's entry; returns the service id, or `None` for an object
+/// without one.
+fn insert<K: Tracked>(state: &mut State, object: Arc<K>) -> Option<String> {
+    let id = service_id_of(object.meta().labels.as_ref())?.to_string();
+    let name = object.meta().name.clone().unwrap_or_default();
+    let entry = state.services.entry(id.clone()).or_default();
+    if K::KIND == Kind::Deployment {
+        let generation = object.meta().generation.unwrap_or(0);
+        match &mut entry.mark {
+            Some(mark) if !mark.seen && generation >= mark.object_generation => mark.seen = true,
+            Some(_) => {}
+            // First sight of a Deployment this process did not apply (a restart): later
+            // changes are compared with what it is now.
+            None => {
+                let applied = object
+                    .meta()
+                    .annotations
+                    .as_ref()
+                    .and_then(|a| a.get(ANNOTATION_GENERATION))
+                    .and_then(|g| g.parse().ok())
+                    .unwrap_or(0);
+                entry.mark = Some(ApplyMark::adopted(generation, applied, 0));
+            }
+        }
+    }
+    K::slot(&mut entry.objects).insert(name, object);
+    Some(id)
+}
+
+/// Starts the watches; the tasks stop when the view is dropped or the handles are aborted.
+pub(crate) fn spawn_watches(
+    view: &Arc<View>,
+    deployments: Api<Deployment>,
+    services: Api<Service>,
+    pods: Api<Pod>,
+) -> Vec<AbortHandle> {
+    vec![
+        tokio::spawn(watch(deployments, Arc::downgrade(view))).abort_handle(),
+        tokio::spawn(watch(services, Arc::downgrade(view))).abort_handle(),
+        tokio::spawn(watch(pods, Arc::downgrade(view))).abort_handle(),
+    ]
+}
+
+async fn watch<K: Tracked>(api: Api<K>, view: Weak<View>) {
+    let config = watcher::Config::default().labels(MANAGED_SELECTOR);
+    // Backs off between failed attempts (API server away, RBAC missing) instead of spinning.
+    let mut events = std::pin::pin!(watch_stream(api, config).default_backoff());
+    while let Some(item) = events.next().await {
+        let Some(view) = view.upgrade() else {
+            return;
+        };
+        match item {
+            Ok(event) => {
+                let changed = view.apply_event(event);
+                view.notify(&changed);
+            }
+            Err(err) => {
+                tracing::warn!(kind = K::KIND.plural(), error = %err, "Kubernetes watch failed; retrying");
+                view.record_error(K::KIND, err.to_string());
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+    use shim_core::WorkloadState;
+
+    use super::*;
+    use crate::config::K8sConfig;
+
+    fn view() -> View {
+        View::new(
+            EndpointResolver::new(&K8sConfig::default(), "models"),
+            Notifier::detached(),
+        )
+    }
+
+    fn labels(id: &str) -> serde_json::Value {
+        json!({"app.kubernetes.io/managed-by": "xmod-shim", "xmod-shim/service-id": id})
+    }
+
+    fn deployment(id: &str, generation: i64) -> Deployment {
+        serde_json::from_value(json!({
+            "metadata": {"name": format!("xmod-{id}"), "generation": generation, "labels": labels(id),
+                "managedFields": [{"manager": "xmod-shim", "operation": "Apply"}]},
+            "spec": {"replicas": 1, "selector": {}, "template": {}},
+            "status": {"observedGeneration": generation, "replicas": 1, "updatedReplicas": 1, "readyReplicas": 1},
+        }))
+        .unwrap()
+    }
+
+    fn service(id: &str) -> Service {
+        serde_json::from_value(json!({
+            "metadata": {"name": format!("xmod-{id}"), "labels": labels(id)},
+            "spec": {"ports": [{"port": 8000}]},
+        }))
+        .unwrap()
+    }
+
+    fn ids(list: &[&str]) -> BTreeSet<String> {
+        list.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn a_relist_replaces_one_kind_at_once_and_names_every_service_it_touched() {
+        let v = view();
+        assert!(v.apply_event(Event::<Deployment>::Init).is_empty());
+        v.apply_event(Event::InitApply(deployment("a", 1)));
+        v.apply_event(Event::InitApply(deployment("b", 1)));
+        // Nothing is visible before InitDone.
+        assert_eq!(v.observe("a").state, WorkloadState::Missing);
+        assert_eq!(
+            v.apply_event(Event::<Deployment>::InitDone),
+            ids(&["a", "b"])
+        );
+        v.apply_event(Event::<Service>::Init);
+        v.apply_event(Event::InitApply(service("a")));
+        v.apply_event(Event::<Service>::InitDone);
+        assert_eq!(v.observe("a").state, WorkloadState::Ready);
+        assert_eq!(
+            v.observe("b").state,
+            WorkloadState::Starting,
+            "no Service yet"
+        );
+        // Managed fields are dropped: the view keeps what status needs.
+        v.with_objects("a", |o| {
+            assert!(o.deployments["xmod-a"].metadata.managed_fields.is_none());
+        });
+
+        // After a broken watch, b was deleted and c created while nobody listened.
+        v.apply_event(Event::<Deployment>::Init);
+        v.apply_event(Event::InitApply(deployment("a", 1)));
+        v.apply_event(Event::InitApply(deployment("c", 1)));
+        assert_eq!(
+            v.apply_event(Event::<Deployment>::InitDone),
+            ids(&["a", "b", "c"])
+        );
+        assert_eq!(v.observe("b").state, WorkloadState::Missing);
+        assert_eq!(
+            v.observe("a").state,
+            WorkloadState::Ready,
+            "Services untouched"
+        );
+    }
+
+    #[test]
+    fn events_update_one_service_and_foreign_objects_are_ignored() {
+        let v = view();
+        assert_eq!(v.apply_event(Event::Apply(deployment("a", 1))), ids(&["a"]));
+        assert_eq!(v.apply_event(Event::Apply(service("a"))), ids(&["a"]));
+        assert_eq!(v.observe("a").state, WorkloadState::Ready);
+        let mut foreign = deployment("x", 1);
+        foreign.metadata.labels = Some(BTreeMap::from([("app".into(), "web".into())]));
+        assert!(v.apply_event(Event::Apply(foreign)).is_empty());
+        assert_eq!(v.apply_event(Event::Delete(service("a"))), ids(&["a"]));
+        assert_eq!(v.observe("a").state, WorkloadState::Starting);
+        assert_eq!(
+            v.apply_event(Event::Delete(deployment("a", 1))),
+            ids(&["a"])
+        );
+        assert_eq!(v.observe("a").state, WorkloadState::Missing);
+        assert_eq!(
+            v.len(),
+            1,
+            "the adopted mark keeps the entry (deleted behind our back)"
+        );
+        v.forget("a");
+        assert_eq!(v.len(), 0);
+    }
+
+    #[test]
+    fn apply_marks_follow_the_watch() {
+        let v = view();
+        // First apply, answer before the watch.
+        let previous = v.begin_apply("a", 1, 1);
+        assert_eq!(previous, None);
+        assert_eq!(v.observe("a").state, WorkloadState::Starting);
+        v.finish_apply("a", "xmod-a", 1, 1, 1);
+        assert_eq!(
+            v.observe("a").state,
+            WorkloadState::Starting,
+            "not seen yet"
+        );
+        v.apply_event(Event::Apply(deployment("a", 1)));
+        v.apply_event(Event::Apply(service("a")));
+        assert_eq!(v.observe("a").state, WorkloadState::Ready);
+        // An update whose watch event came before the answer.
+        let previous = v.begin_apply("a", 2, 1);
+        v.apply_event(Event::Apply(deployment("a", 2)));
+        v.finish_apply("a", "xmod-a", 2, 2, 1);
+        assert_eq!(v.observe("a").state, WorkloadState::Ready);
+        assert!(previous.is_some());
+        // A failed apply puts the mark back.
+        let before = v.begin_apply("a", 3, 1);
+        v.abort_apply("a", before);
+        assert_eq!(v.observe("a").state, WorkloadState::Ready);
+        // A failed first apply leaves nothing.
+        let none = v.begin_apply("z", 1, 1);
+        v.abort_apply("z", none);
+        assert_eq!(v.observe("z").state, WorkloadState::Missing);
+        assert_eq!(v.len(), 1);
+    }
+
+    #[tokio::test]
+    async fn waiting_for_the_first_lists_names_the_kinds_still_missing() {
+        let v = view();
+        v.apply_event(Event::<Deployment>::InitDone);
+        v.record_error(Kind::Pod, "pods is forbidden".into());
+        let err = v.wait_synced(Duration::from_millis(10)).await.unwrap_err();
+        assert!(err.contains("services, pods (pods is forbidden)"), "{err}");
+        v.apply_event(Event::<Service>::InitDone);
+        v.apply_event(Event::<Pod>::InitDone);
+        v.wait_synced(Duration::from_millis(10)).await.unwrap();
+    }
+}
