@@ -1,5 +1,6 @@
 //! Status reads with the Kubernetes shimlet and 1,000 managed services: throughput of
-//! `observe` and the number of API server requests the reads cause (must be 0).
+//! `observe`, then of `GET /api/v1/modserv/{id}` through the real engine and HTTP server, and the
+//! number of API server requests each kind of read causes (must be 0).
 //!
 //! The cluster is the fake API server of the integration tests (kube's client over a
 //! `tower_test` mock), holding 1,000 ready Deployments, Services and Pods that the shimlet's
@@ -18,7 +19,7 @@ use std::time::{Duration, Instant};
 use common::{Behaviour, FakeCluster, Kind};
 use serde_json::json;
 use shim_core::queue::WorkQueue;
-use shim_core::{Notifier, Shimlet, WorkloadState};
+use shim_core::{DeploySpec, Engine, EngineConfig, Notifier, Phase, Shimlet, WorkloadState};
 use shim_shimlet_k8s::{K8sShimlet, object_name};
 
 #[tokio::main]
@@ -152,6 +153,121 @@ async fn main() {
         notified.len()
     );
     assert_eq!(during_reads, 0, "status reads must not call the API server");
+    status_gets_over_http(services, 5).await;
+}
+
+/// The engine and HTTP server over a second fake cluster: `services` deployed through the
+/// opensourcellm pipeline, then 64 connections send status GETs for `seconds`.
+async fn status_gets_over_http(services: usize, seconds: u64) {
+    let cluster = FakeCluster::new(Behaviour {
+        auto_rollout: true,
+        instant_delete: true,
+        ..Behaviour::default()
+    });
+    let config = EngineConfig {
+        default_engine: "mock".into(),
+        gpus: Some(Vec::new()),
+        plugins: Arc::new(json!({
+            "pipelines": { "opensourcellm": { "checkModelDir": false, "pollIntervalMs": 20 } },
+        })),
+        ..EngineConfig::default()
+    };
+    let shimlet = K8sShimlet::with_client(
+        cluster.client(),
+        common::config(),
+        "/srv/models".into(),
+        Notifier::detached(),
+    )
+    .await
+    .expect("the shimlet starts");
+    let pipeline = shim_pipeline::opensourcellm(&config.plugin_settings()).expect("pipeline");
+    let engine = Engine::builder()
+        .config(config)
+        .shimlet_instance(move |ctx| {
+            shimlet.set_notifier(ctx.notifier.clone());
+            Arc::new(shimlet)
+        })
+        .pipeline(pipeline)
+        .build()
+        .await
+        .expect("the engine starts");
+    let started = Instant::now();
+    let mut ids = Vec::new();
+    for _ in 0..services {
+        ids.push(
+            engine
+                .deploy(DeploySpec::named("bench"))
+                .await
+                .expect("deploy"),
+        );
+    }
+    while engine
+        .phase_counts()
+        .iter()
+        .find(|(p, _)| *p == Phase::Running)
+        .map_or(0, |(_, n)| *n)
+        < services
+    {
+        assert!(
+            started.elapsed() < Duration::from_secs(300),
+            "services did not all run"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let deployed = started.elapsed();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let address = listener.local_addr().expect("address");
+    let state = shim_server::AppState::new(engine.clone(), shim_server::ServerConfig::default());
+    tokio::spawn(shim_server::serve(listener, state, std::future::pending()));
+
+    let http = reqwest::Client::new();
+    let ids = Arc::new(ids);
+    let before = cluster.request_count();
+    let deadline = Instant::now() + Duration::from_secs(seconds);
+    let tasks: Vec<_> = (0..64)
+        .map(|worker| {
+            let (http, ids) = (http.clone(), ids.clone());
+            tokio::spawn(async move {
+                let mut latencies = Vec::new();
+                let mut n = worker;
+                while Instant::now() < deadline {
+                    let url = format!("http://{address}/api/v1/modserv/{}", ids[n % ids.len()]);
+                    n += 64;
+                    let sent = Instant::now();
+                    let body = http
+                        .get(&url)
+                        .send()
+                        .await
+                        .expect("GET")
+                        .text()
+                        .await
+                        .expect("body");
+                    latencies.push(sent.elapsed());
+                    assert!(body.contains("\"running\""), "{body}");
+                }
+                latencies
+            })
+        })
+        .collect();
+    let mut latencies = Vec::new();
+    for task in tasks {
+        latencies.extend(task.await.expect("load task"));
+    }
+    let during = cluster.request_count() - before;
+    latencies.sort();
+    let p99 = latencies[latencies.len() * 99 / 100];
+    println!(
+        "  status GET over HTTP ({services} services deployed through the engine in {:.1} s): \
+         {} GETs in {seconds} s = {:.0} req/s, p99 {:.2} ms, API server requests during the GETs: {during}",
+        deployed.as_secs_f64(),
+        latencies.len(),
+        latencies.len() as f64 / seconds as f64,
+        p99.as_secs_f64() * 1e3
+    );
+    assert_eq!(during, 0, "status GETs must not call the API server");
+    engine.shutdown().await;
 }
 
 /// One ready service: Deployment (rolled out), Service, Pod.
