@@ -204,18 +204,7 @@ fn the_cli_deploys_with_wait_lists_and_deletes() {
     std::fs::create_dir_all(models.join("gamma")).unwrap();
     let port = free_port();
     let shim = Shim::start(&data, &models, port);
-    let cli = |args: &[&str]| {
-        let out = Command::new(BIN)
-            .args(args)
-            .env("XMOD_SHIM_SERVER", &shim.base)
-            .output()
-            .unwrap();
-        (
-            out.status.success(),
-            String::from_utf8_lossy(&out.stdout).into_owned(),
-            String::from_utf8_lossy(&out.stderr).into_owned(),
-        )
-    };
+    let cli = |args: &[&str]| shim.cli(args);
     let (ok, out, err) = cli(&[
         "deploy",
         "gamma",
@@ -250,18 +239,7 @@ fn the_cli_deploys_with_wait_lists_and_deletes() {
     shim.child.wait().unwrap();
     drop(shim);
     let shim = Shim::start(&data, &models, port);
-    let cli = |args: &[&str]| {
-        let out = Command::new(BIN)
-            .args(args)
-            .env("XMOD_SHIM_SERVER", &shim.base)
-            .output()
-            .unwrap();
-        (
-            out.status.success(),
-            String::from_utf8_lossy(&out.stdout).into_owned(),
-            String::from_utf8_lossy(&out.stderr).into_owned(),
-        )
-    };
+    let cli = |args: &[&str]| shim.cli(args);
     wait_status(&shim, &id, 30, |d| {
         d["status"] == "running" && d["endpoint"] == endpoint.as_str()
     });

@@ -404,7 +404,6 @@ fn missing_step() -> StepError {
 
 #[cfg(test)]
 mod tests {
-    use std::sync::Mutex;
 
     use shim_core::pipeline::PipelineObserver;
     use shim_core::testing::InstantShimlet;
@@ -595,92 +594,76 @@ mod tests {
         );
     }
 
-    #[tokio::test]
-    async fn a_failed_workload_fails_wait_ready_with_the_runtimes_words() {
-        struct Failing(Mutex<()>);
-        #[async_trait::async_trait]
-        impl Shimlet for Failing {
-            async fn apply(&self, _: &WorkloadSpec) -> Result<(), shim_core::ShimletError> {
-                Ok(())
-            }
-            async fn observe(
-                &self,
-                _: &str,
-            ) -> Result<shim_core::WorkloadObservation, shim_core::ShimletError> {
-                let _guard = self.0.lock();
-                Ok(shim_core::WorkloadObservation {
-                    state: WorkloadState::Failed,
-                    failure: Some(shim_core::shimlet::Failure {
-                        reason: FailureReason::Exited,
-                        message: "exit code 1: error loading model".into(),
-                    }),
-                    ..shim_core::WorkloadObservation::missing()
-                })
-            }
-            async fn delete(&self, _: &str) -> Result<shim_core::Removal, shim_core::ShimletError> {
-                Ok(shim_core::Removal::Gone)
-            }
-            async fn list(
-                &self,
-            ) -> Result<Vec<shim_core::ManagedWorkload>, shim_core::ShimletError> {
-                Ok(vec![])
-            }
+    /// A runtime that accepts every apply and always shows the same observation.
+    struct Showing(shim_core::WorkloadObservation);
+
+    #[async_trait::async_trait]
+    impl Shimlet for Showing {
+        async fn apply(&self, _: &WorkloadSpec) -> Result<(), shim_core::ShimletError> {
+            Ok(())
         }
+        async fn observe(
+            &self,
+            _: &str,
+        ) -> Result<shim_core::WorkloadObservation, shim_core::ShimletError> {
+            Ok(self.0.clone())
+        }
+        async fn delete(&self, _: &str) -> Result<shim_core::Removal, shim_core::ShimletError> {
+            Ok(shim_core::Removal::Gone)
+        }
+        async fn list(&self) -> Result<Vec<shim_core::ManagedWorkload>, shim_core::ShimletError> {
+            Ok(vec![])
+        }
+    }
+
+    /// Runs the pipeline against a runtime stuck in `state` for `reason`; returns the failure.
+    async fn run_showing(
+        state: WorkloadState,
+        reason: FailureReason,
+        message: &str,
+    ) -> shim_core::pipeline::StepFailure {
         let s = setup(serde_json::json!({}));
         let pipeline = build(&s.settings).unwrap();
+        let seen = shim_core::WorkloadObservation {
+            state,
+            failure: Some(shim_core::shimlet::Failure {
+                reason,
+                message: message.into(),
+            }),
+            ..shim_core::WorkloadObservation::missing()
+        };
         let ctx = PipelineContext::new(
             "x",
             1,
             DeploySpec::named("qwen"),
-            Arc::new(Failing(Mutex::new(()))),
+            Arc::new(Showing(seen)),
             Arc::new(Quiet),
         );
-        let failure = pipeline.run(&ctx).await.unwrap_err();
+        pipeline.run(&ctx).await.unwrap_err()
+    }
+
+    #[tokio::test]
+    async fn a_failed_workload_fails_wait_ready_with_the_runtimes_words() {
+        let failure = run_showing(
+            WorkloadState::Failed,
+            FailureReason::Exited,
+            "exit code 1: error loading model",
+        )
+        .await;
         assert_eq!(failure.step, "wait_ready");
+        assert_eq!(failure.error.kind, shim_core::StepErrorKind::Permanent);
         assert_eq!(failure.error.reason, FailureReason::Exited);
         assert!(failure.error.message.contains("error loading model"));
     }
 
     #[tokio::test]
     async fn unschedulable_workloads_block_wait_ready_with_the_runtimes_reason() {
-        struct Unschedulable;
-        #[async_trait::async_trait]
-        impl Shimlet for Unschedulable {
-            async fn apply(&self, _: &WorkloadSpec) -> Result<(), shim_core::ShimletError> {
-                Ok(())
-            }
-            async fn observe(
-                &self,
-                _: &str,
-            ) -> Result<shim_core::WorkloadObservation, shim_core::ShimletError> {
-                Ok(shim_core::WorkloadObservation {
-                    state: WorkloadState::Pending,
-                    failure: Some(shim_core::shimlet::Failure {
-                        reason: FailureReason::Unschedulable,
-                        message: "0/3 nodes are available: insufficient nvidia.com/gpu".into(),
-                    }),
-                    ..shim_core::WorkloadObservation::missing()
-                })
-            }
-            async fn delete(&self, _: &str) -> Result<shim_core::Removal, shim_core::ShimletError> {
-                Ok(shim_core::Removal::Gone)
-            }
-            async fn list(
-                &self,
-            ) -> Result<Vec<shim_core::ManagedWorkload>, shim_core::ShimletError> {
-                Ok(vec![])
-            }
-        }
-        let s = setup(serde_json::json!({}));
-        let pipeline = build(&s.settings).unwrap();
-        let ctx = PipelineContext::new(
-            "x",
-            1,
-            DeploySpec::named("qwen"),
-            Arc::new(Unschedulable),
-            Arc::new(Quiet),
-        );
-        let failure = pipeline.run(&ctx).await.unwrap_err();
+        let failure = run_showing(
+            WorkloadState::Pending,
+            FailureReason::Unschedulable,
+            "0/3 nodes are available: insufficient nvidia.com/gpu",
+        )
+        .await;
         assert_eq!(failure.step, "wait_ready");
         assert_eq!(failure.error.kind, shim_core::StepErrorKind::Blocked);
         assert!(
