@@ -264,7 +264,12 @@ impl Engine {
             (id, ack)
         };
         let (id, ack) = ack;
-        ack.await?;
+        if let Err(err) = ack.await {
+            // Not durably accepted, so not accepted: the client is told it failed, and no
+            // service it does not know about may run.
+            self.inner.services.write().expect("services lock").remove(&id);
+            return Err(err);
+        }
         self.inner.queue.add(&id);
         Ok(id)
     }
