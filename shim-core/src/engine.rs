@@ -267,7 +267,11 @@ impl Engine {
         if let Err(err) = ack.await {
             // Not durably accepted, so not accepted: the client is told it failed, and no
             // service it does not know about may run.
-            self.inner.services.write().expect("services lock").remove(&id);
+            self.inner
+                .services
+                .write()
+                .expect("services lock")
+                .remove(&id);
             return Err(err);
         }
         self.inner.queue.add(&id);

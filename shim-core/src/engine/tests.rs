@@ -462,3 +462,38 @@ async fn a_step_that_waited_for_scheduling_turns_the_service_initializing_while_
         ]
     );
 }
+
+/// A store whose disk is full: every write fails.
+struct FullDisk;
+
+#[async_trait::async_trait]
+impl Store for FullDisk {
+    fn save(&self, _: &ServiceRecord) -> crate::store::Ack {
+        Box::pin(async { Err(Error::Store("no space left on device".into())) })
+    }
+    fn append_event(&self, _: &Event) -> crate::store::Ack {
+        Box::pin(async { Err(Error::Store("no space left on device".into())) })
+    }
+    async fn load_live(&self) -> Result<Vec<ServiceRecord>> {
+        Ok(Vec::new())
+    }
+    async fn get(&self, _: &str) -> Result<Option<ServiceRecord>> {
+        Ok(None)
+    }
+    async fn events(&self, _: &str, _: usize) -> Result<Vec<Event>> {
+        Ok(Vec::new())
+    }
+}
+
+#[tokio::test]
+async fn a_deploy_the_store_cannot_persist_is_refused_and_forgotten() {
+    let (engine, shimlet) = engine_with(Arc::new(FullDisk)).await;
+    let err = engine.deploy(DeploySpec::named("qwen")).await.unwrap_err();
+    assert!(err.to_string().contains("no space left"), "{err}");
+    assert!(
+        engine.list().is_empty(),
+        "nothing the client was told failed may run"
+    );
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert!(shimlet.list().await.unwrap().is_empty());
+}
