@@ -38,6 +38,12 @@ pub struct DockerConfig {
     pub network: Option<String>,
     /// Device driver named in GPU `DeviceRequest`s.
     pub gpu_driver: String,
+    /// Size of `/dev/shm` (Kubernetes quantity, e.g. "16Gi"). Docker's default of 64 MiB is too
+    /// small for engines that share tensors between processes (vLLM and SGLang with tensor
+    /// parallelism).
+    pub shm_size: Option<String>,
+    /// IPC namespace mode (`host`, `private`, `shareable`); an alternative to `shmSize`.
+    pub ipc_mode: Option<String>,
 }
 
 impl Default for DockerConfig {
@@ -50,6 +56,8 @@ impl Default for DockerConfig {
             stop_grace_period_secs: 10,
             network: None,
             gpu_driver: "nvidia".into(),
+            shm_size: None,
+            ipc_mode: None,
         }
     }
 }
@@ -86,6 +94,10 @@ impl DockerConfig {
         })?;
         if self.gpu_driver.trim().is_empty() {
             return Err("shimlets.docker.gpuDriver must not be empty".into());
+        }
+        if let Some(size) = &self.shm_size {
+            shim_core::quantity::parse(size)
+                .map_err(|e| format!("shimlets.docker.shmSize: {e}"))?;
         }
         Ok(())
     }

@@ -172,6 +172,12 @@ pub fn create_body(
             maximum_retry_count: None,
         }),
         network_mode: config.network.clone(),
+        shm_size: config
+            .shm_size
+            .as_deref()
+            .map(|size| quantity("shimlets.docker.shmSize", size, 1.0))
+            .transpose()?,
+        ipc_mode: config.ipc_mode.clone(),
         ..HostConfig::default()
     };
 
@@ -326,6 +332,32 @@ mod tests {
         ] {
             assert!(body["HostConfig"].get(absent).is_none(), "{absent}");
         }
+    }
+
+    #[test]
+    fn shared_memory_settings_reach_the_host_config() {
+        let cfg = DockerConfig {
+            shm_size: Some("16Gi".into()),
+            ipc_mode: Some("host".into()),
+            ..DockerConfig::default()
+        };
+        let body = serde_json::to_value(
+            create_body(
+                &WorkloadSpec::new("s", 1, "img"),
+                0,
+                &cfg,
+                &GpuRequest::None,
+            )
+            .unwrap(),
+        )
+        .unwrap();
+        assert_eq!(body["HostConfig"]["ShmSize"], 16_i64 * 1024 * 1024 * 1024);
+        assert_eq!(body["HostConfig"]["IpcMode"], "host");
+        let bad = DockerConfig {
+            shm_size: Some("lots".into()),
+            ..DockerConfig::default()
+        };
+        assert!(bad.validate().unwrap_err().contains("shmSize"));
     }
 
     #[test]
