@@ -28,6 +28,9 @@ pub struct ProcessConfig {
     pub log_tail_lines: usize,
     /// Inclusive `[from, to]` range replicas' ports are picked from; any free port when absent.
     pub port_range: Option<[u16; 2]>,
+    /// A replica's log is rotated (to `<log>.1`, replacing the previous one) when a replica
+    /// starts and its log is larger than this.
+    pub max_log_bytes: u64,
 }
 
 impl Default for ProcessConfig {
@@ -38,6 +41,7 @@ impl Default for ProcessConfig {
             stop_grace_period_secs: 10.0,
             log_tail_lines: 20,
             port_range: None,
+            max_log_bytes: 64 * 1024 * 1024,
         }
     }
 }

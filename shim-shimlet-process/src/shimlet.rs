@@ -553,6 +553,7 @@ impl Inner {
                 format!("cannot open the replica log {}: {e}", log_path.display()),
             )
         };
+        rotate_if_larger(&log_path, self.config.max_log_bytes).map_err(log_error)?;
         let mut log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -672,8 +673,8 @@ impl Inner {
         }
     }
 
-    /// Removes this service's log files (`<id>-<n>.log`, exactly: another id may start with
-    /// this one).
+    /// Removes this service's log files (`<id>-<n>.log` and rotated `<id>-<n>.log.1`, exactly:
+    /// another id may start with this one).
     fn remove_logs(&self, service_id: &str) {
         let Ok(entries) = std::fs::read_dir(&self.log_dir) else {
             return;
@@ -684,7 +685,10 @@ impl Inner {
             let Some(name) = name.to_str() else { continue };
             let ours = name
                 .strip_prefix(&prefix)
-                .and_then(|rest| rest.strip_suffix(".log"))
+                .and_then(|rest| {
+                    rest.strip_suffix(".log")
+                        .or_else(|| rest.strip_suffix(".log.1"))
+                })
                 .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()));
             if ours && let Err(err) = std::fs::remove_file(entry.path()) {
                 tracing::warn!(path = %entry.path().display(), error = %err, "cannot remove a replica log");
@@ -955,6 +959,45 @@ impl Shimlet for ProcessShimlet {
             "stateFile": state::path(&inner.state_dir, &workload.service_id),
             "replicas": replicas,
         }))
+    }
+}
+
+/// Moves `path` to `<path>.1` (replacing an older one) when it is larger than `limit`, so a
+/// replica that restarts often cannot fill the disk. Only called before a replica starts, when
+/// no process writes to the file.
+fn rotate_if_larger(path: &std::path::Path, limit: u64) -> std::io::Result<()> {
+    match std::fs::metadata(path) {
+        Ok(meta) if meta.len() > limit => {
+            let mut rotated = path.as_os_str().to_owned();
+            rotated.push(".1");
+            std::fs::rename(path, rotated)
+        }
+        Ok(_) => Ok(()),
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(err) => Err(err),
+    }
+}
+
+#[cfg(test)]
+mod rotation_tests {
+    use super::rotate_if_larger;
+
+    #[test]
+    fn a_log_over_the_limit_moves_aside_and_a_small_one_stays() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("s-0.log");
+        std::fs::write(&log, "x".repeat(100)).unwrap();
+        rotate_if_larger(&log, 1000).unwrap();
+        assert!(log.exists(), "under the limit: untouched");
+        rotate_if_larger(&log, 10).unwrap();
+        assert!(!log.exists());
+        assert_eq!(
+            std::fs::read_to_string(dir.path().join("s-0.log.1"))
+                .unwrap()
+                .len(),
+            100
+        );
+        rotate_if_larger(&dir.path().join("missing.log"), 10).unwrap();
     }
 }
 
