@@ -24,9 +24,9 @@ const STOP_POLL: Duration = Duration::from_millis(25);
 const KILL_WAIT: Duration = Duration::from_secs(5);
 /// Consecutive failed probes after which a ready replica is reported unhealthy.
 const UNHEALTHY_AFTER: u32 = 3;
-/// Least time between probes once a replica is ready (readiness is what matters most; after
-/// that a light liveness check is enough).
-const READY_PROBE_MIN: Duration = Duration::from_secs(5);
+/// Shortest time between health probes of a ready replica (a failed probe is re-checked at the
+/// start-up cadence, so a hung engine is confirmed within a few seconds).
+const READY_PROBE_MIN: Duration = Duration::from_secs(2);
 
 /// What the monitor reports about a running replica.
 #[derive(Debug, Clone, PartialEq)]
@@ -114,7 +114,7 @@ pub(crate) async fn monitor(
 ) {
     let mut failures = 0u32;
     loop {
-        let delay = if health == Health::Ready {
+        let delay = if health == Health::Ready && failures == 0 {
             probe.period.max(READY_PROBE_MIN)
         } else {
             probe.period

@@ -762,7 +762,9 @@ impl Shimlet for ProcessShimlet {
                     relaunch
                         || **index >= workload.replicas
                         || r.record.exit.is_some()
-                        || matches!(r.health, Health::TimedOut(_))
+                        // Hung (failed its probes after being ready) or never ready: the
+                        // engine's repair replaces it, like a Kubernetes liveness probe.
+                        || matches!(r.health, Health::TimedOut(_) | Health::Unhealthy(_))
                 })
                 .map(|(index, _)| *index)
                 .collect();

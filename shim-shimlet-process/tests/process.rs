@@ -467,3 +467,57 @@ async fn render_describes_the_launch_without_starting_anything() {
     assert!(shimlet.list().await.unwrap().is_empty());
     assert!(sandbox.gpus.allocate("x/0", 2).is_ok());
 }
+
+/// Answers `/health` with 200 three times, then 500 forever: an engine that hangs after start.
+const HANGS_AFTER_START: &str = r#"
+import http.server, sys
+seen = [0]
+class H(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        seen[0] += 1
+        self.send_response(200 if seen[0] <= 3 else 500)
+        self.end_headers()
+    def log_message(self, *a):
+        pass
+http.server.HTTPServer((sys.argv[1], int(sys.argv[2])), H).serve_forever()
+"#;
+
+#[tokio::test]
+async fn a_replica_that_fails_its_probes_after_being_ready_is_replaced_by_the_next_apply() {
+    let sandbox = Sandbox::new(&[]);
+    let shimlet = sandbox.shimlet().await;
+    let spec = workload(
+        "svc-hang",
+        &["python3", "-c", HANGS_AFTER_START],
+        &["{host}", "{port}"],
+    );
+    shimlet.apply(&spec).await.unwrap();
+    observe_until(&shimlet, "svc-hang", "ready", |o| {
+        o.state == WorkloadState::Ready
+    })
+    .await;
+    let first = sandbox.pids("svc-hang");
+    let hung = observe_until(&shimlet, "svc-hang", "unhealthy", |o| {
+        o.state == WorkloadState::Starting && o.failure.is_some()
+    })
+    .await;
+    let failure = hung.failure.unwrap();
+    assert_eq!(failure.reason, FailureReason::RuntimeError);
+    assert!(
+        failure.message.contains("failed 3 health checks in a row"),
+        "{}",
+        failure.message
+    );
+
+    // The engine's repair re-applies: the hung process is replaced by a fresh one.
+    shimlet.apply(&spec).await.unwrap();
+    let second = sandbox.pids("svc-hang");
+    assert_eq!(second.len(), 1);
+    assert_ne!(second, first, "a new process");
+    assert!(!alive(first[0]), "the hung one was stopped");
+    observe_until(&shimlet, "svc-hang", "ready again", |o| {
+        o.state == WorkloadState::Ready
+    })
+    .await;
+    assert_eq!(shimlet.delete("svc-hang").await.unwrap(), Removal::Gone);
+}
