@@ -3,6 +3,7 @@
 
 use std::collections::HashMap;
 use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 
@@ -127,5 +128,27 @@ impl Shimlet for InstantShimlet {
                 name: id.clone(),
             })
             .collect())
+    }
+}
+
+/// Polls `shimlet.observe(service_id)` until `done` holds and returns that observation; panics
+/// with the last observation after `timeout`. For shimlet tests, whatever the runtime.
+pub async fn observe_until(
+    shimlet: &dyn Shimlet,
+    service_id: &str,
+    timeout: Duration,
+    done: impl Fn(&WorkloadObservation) -> bool,
+) -> WorkloadObservation {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let observed = shimlet.observe(service_id).await.expect("observe");
+        if done(&observed) {
+            return observed;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{service_id}: gave up after {timeout:?}; last observation: {observed:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }

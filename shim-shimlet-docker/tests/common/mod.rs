@@ -12,10 +12,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use shim_core::queue::WorkQueue;
-use shim_core::{
-    EngineConfig, GpuAllocator, ModelVolume, Notifier, Shimlet, ShimletContext,
-    WorkloadObservation, WorkloadSpec,
-};
+use shim_core::{EngineConfig, GpuAllocator, ModelVolume, Notifier, ShimletContext, WorkloadSpec};
 use shim_shimlet_docker::{DockerShimlet, LABEL_SERVICE_ID};
 
 #[path = "../../../xtask/src/docker_image.rs"]
@@ -124,26 +121,9 @@ pub fn mock_workload(service_id: &str, model_dir: &Path) -> WorkloadSpec {
     workload
 }
 
-/// Polls `observe` until `done` holds; panics with the last observation after `timeout`.
-pub async fn wait_for(
-    shimlet: &DockerShimlet,
-    service_id: &str,
-    timeout: Duration,
-    done: impl Fn(&WorkloadObservation) -> bool,
-) -> WorkloadObservation {
-    let deadline = Instant::now() + timeout;
-    loop {
-        let observed = shimlet.observe(service_id).await.expect("observe");
-        if done(&observed) {
-            return observed;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "gave up after {timeout:?}; last observation: {observed:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
+/// Polls `observe` until `done` holds (shared by every shimlet's tests).
+#[allow(unused_imports)] // not every test file polls
+pub use shim_core::testing::observe_until as wait_for;
 
 /// Runs the docker CLI; stdout, trimmed.
 pub fn docker(args: &[&str]) -> String {

@@ -23,7 +23,7 @@ use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt as _, Full, StreamBody};
 use serde_json::{Value, json};
 use shim_core::queue::WorkQueue;
-use shim_core::{ModelVolume, Notifier, Shimlet, WorkloadObservation, WorkloadSpec};
+use shim_core::{ModelVolume, Notifier, WorkloadSpec};
 use shim_shimlet_k8s::{K8sConfig, K8sShimlet};
 use tokio::sync::mpsc;
 
@@ -789,26 +789,9 @@ pub fn workload(service_id: &str) -> WorkloadSpec {
     w
 }
 
-/// Polls `observe` until `done` holds; panics with the last observation after `timeout`.
-pub async fn wait_for(
-    shimlet: &K8sShimlet,
-    service_id: &str,
-    timeout: Duration,
-    done: impl Fn(&WorkloadObservation) -> bool,
-) -> WorkloadObservation {
-    let deadline = Instant::now() + timeout;
-    loop {
-        let observed = shimlet.observe(service_id).await.expect("observe");
-        if done(&observed) {
-            return observed;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "gave up after {timeout:?}; last observation: {observed:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-}
+/// Polls `observe` until `done` holds (shared by every shimlet's tests).
+#[allow(unused_imports)] // not every test file polls
+pub use shim_core::testing::observe_until as wait_for;
 
 /// Waits until the queue hands out `service_id` (the shimlet notified the engine).
 pub async fn notified(queue: &WorkQueue, service_id: &str) {

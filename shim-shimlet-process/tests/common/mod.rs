@@ -209,11 +209,8 @@ pub async fn observe_until(
     what: &str,
     pred: impl Fn(&WorkloadObservation) -> bool,
 ) -> WorkloadObservation {
-    eventually(what, Duration::from_secs(10), || async {
-        let observed = shimlet.observe(id).await.expect("observe");
-        pred(&observed).then_some(observed)
-    })
-    .await
+    let _ = what; // the shared helper's panic names the service and its last observation
+    shim_core::testing::observe_until(shimlet, id, Duration::from_secs(10), pred).await
 }
 
 pub fn path_exists(path: &Path) -> bool {
