@@ -1,6 +1,7 @@
 //! A real inference engine end to end: llama.cpp (through llama-cpp-python's server) serving a
 //! tiny random-weight GGUF model that the test writes, through the real binary and the process
-//! runtime. The Python environment comes from `cargo xtask llama-env` (run by `.ci/run`).
+//! runtime. The Python environment comes from `cargo xtask llama-env`; `cargo xtask ci` (what
+//! `.ci/run` runs) creates it and passes its interpreter in `XMOD_SHIM_LLAMA_PYTHON`.
 
 mod common;
 
@@ -12,24 +13,21 @@ use std::time::{Duration, Instant};
 use common::*;
 use serde_json::json;
 
-/// The virtualenv's python, as `cargo xtask llama-env` creates it.
+/// The python with llama-cpp-python and gguf that `cargo xtask ci` passes in
+/// `XMOD_SHIM_LLAMA_PYTHON` (by hand: `XMOD_SHIM_LLAMA_PYTHON=$(cargo xtask llama-env)`).
 fn llama_python() -> Option<PathBuf> {
-    let venv = match std::env::var_os("XMOD_SHIM_LLAMA_VENV") {
-        Some(dir) => PathBuf::from(dir),
-        None => {
-            let cache = std::env::var_os("XDG_CACHE_HOME")
-                .map(PathBuf::from)
-                .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))?;
-            cache.join("xmod-shim").join("venv-llamacpp")
-        }
-    };
-    let python = venv.join("bin").join("python3");
+    let python = PathBuf::from(std::env::var_os("XMOD_SHIM_LLAMA_PYTHON")?);
     let ok = Command::new(&python)
         .args(["-c", "import llama_cpp.server, gguf"])
         .stderr(std::process::Stdio::null())
         .status()
         .is_ok_and(|s| s.success());
-    ok.then_some(python)
+    assert!(
+        ok,
+        "XMOD_SHIM_LLAMA_PYTHON={} cannot import llama_cpp.server and gguf",
+        python.display()
+    );
+    Some(python)
 }
 
 fn write_tiny_model(python: &Path, dir: &Path) {
@@ -48,10 +46,10 @@ fn llama_cpp_serves_a_generated_tiny_model_through_the_shim() {
     let Some(python) = llama_python() else {
         assert!(
             std::env::var("CI").is_err(),
-            "llama-cpp-python is not installed; .ci/run must run `cargo xtask llama-env` first"
+            "XMOD_SHIM_LLAMA_PYTHON is not set: CI runs the tests through `cargo xtask ci`, which sets it"
         );
         eprintln!(
-            "SKIPPED: llama-cpp-python not installed here; run `cargo xtask llama-env` to enable this test"
+            "SKIPPED: set XMOD_SHIM_LLAMA_PYTHON=$(cargo xtask llama-env), or run `cargo xtask ci`"
         );
         return;
     };

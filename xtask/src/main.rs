@@ -44,10 +44,16 @@ fn root() -> PathBuf {
 }
 
 fn cargo(args: &[&str]) -> anyhow::Result<()> {
+    cargo_with(args, &[])
+}
+
+/// Runs cargo with extra environment variables.
+fn cargo_with(args: &[&str], env: &[(&str, &Path)]) -> anyhow::Result<()> {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     println!("$ cargo {}", args.join(" "));
     let status = Command::new(&cargo)
         .args(args)
+        .envs(env.iter().map(|(k, v)| (*k, v.as_os_str())))
         .current_dir(root())
         .status()
         .with_context(|| format!("cannot run {cargo}"))?;
@@ -67,7 +73,12 @@ fn ci() -> anyhow::Result<()> {
         "-D",
         "warnings",
     ])?;
-    cargo(&["test", "--workspace"])?;
+    // The real-engine test runs llama-cpp-python from the virtualenv made (or reused) here.
+    let python = llama_env()?;
+    cargo_with(
+        &["test", "--workspace"],
+        &[("XMOD_SHIM_LLAMA_PYTHON", python.as_path())],
+    )?;
     Ok(())
 }
 
