@@ -49,7 +49,6 @@ struct Inner {
     shimlet_name: String,
     pipeline: Arc<Pipeline>,
     queue: Arc<WorkQueue>,
-    gpus: Arc<GpuAllocator>,
     /// The live services; every read is answered from here, never from a runtime.
     services: RwLock<HashMap<String, ServiceRecord>>,
     /// Cancels the pipeline run in flight for an id when a newer request supersedes it.
@@ -168,7 +167,7 @@ impl EngineBuilder {
             settings: config.plugin_settings(),
             state_dir: config.data_dir.join("shimlets").join(&shimlet_name),
             notifier: Notifier::new(queue.clone()),
-            gpus: gpus.clone(),
+            gpus,
         };
         let shimlet = match self.shimlet_maker {
             Some(make) => make(context),
@@ -197,7 +196,6 @@ impl EngineBuilder {
             shimlet_name,
             pipeline: Arc::new(pipeline),
             queue,
-            gpus,
             services: RwLock::new(live.into_iter().map(|r| (r.id.clone(), r)).collect()),
             in_flight: Mutex::default(),
             failures: Mutex::default(),
@@ -384,16 +382,13 @@ impl Engine {
 
     /// Number of live services per phase.
     pub fn phase_counts(&self) -> Vec<(Phase, usize)> {
-        let services = self.inner.services.read().expect("services lock");
-        Phase::ALL
-            .iter()
-            .map(|phase| {
-                (
-                    *phase,
-                    services.values().filter(|r| r.phase == *phase).count(),
-                )
-            })
-            .collect()
+        let mut counts: Vec<(Phase, usize)> = Phase::ALL.iter().map(|p| (*p, 0)).collect();
+        for record in self.inner.services.read().expect("services lock").values() {
+            if let Some(entry) = counts.iter_mut().find(|(p, _)| *p == record.phase) {
+                entry.1 += 1;
+            }
+        }
+        counts
     }
 
     /// A record from the store, deleted ones included (history).
@@ -452,11 +447,6 @@ impl Engine {
     /// The engine's settings.
     pub fn config(&self) -> &EngineConfig {
         &self.inner.config
-    }
-
-    /// The host's accelerators as the local runtimes see them.
-    pub fn gpus(&self) -> &Arc<GpuAllocator> {
-        &self.inner.gpus
     }
 
     /// Reconciler counters.

@@ -334,6 +334,12 @@ mod tests {
         }
     }
 
+    /// The create body of a one-replica workload without GPUs under `cfg`, as JSON.
+    fn plain_body(cfg: &DockerConfig) -> serde_json::Value {
+        let body = create_body(&WorkloadSpec::new("s", 1, "img"), 0, cfg, &GpuRequest::None);
+        serde_json::to_value(body.unwrap()).unwrap()
+    }
+
     #[test]
     fn shared_memory_settings_reach_the_host_config() {
         let cfg = DockerConfig {
@@ -341,16 +347,7 @@ mod tests {
             ipc_mode: Some("host".into()),
             ..DockerConfig::default()
         };
-        let body = serde_json::to_value(
-            create_body(
-                &WorkloadSpec::new("s", 1, "img"),
-                0,
-                &cfg,
-                &GpuRequest::None,
-            )
-            .unwrap(),
-        )
-        .unwrap();
+        let body = plain_body(&cfg);
         assert_eq!(body["HostConfig"]["ShmSize"], 16_i64 * 1024 * 1024 * 1024);
         assert_eq!(body["HostConfig"]["IpcMode"], "host");
         let bad = DockerConfig {
@@ -366,16 +363,7 @@ mod tests {
             network: Some("host".into()),
             ..DockerConfig::default()
         };
-        let body = serde_json::to_value(
-            create_body(
-                &WorkloadSpec::new("s", 1, "img"),
-                0,
-                &cfg,
-                &GpuRequest::None,
-            )
-            .unwrap(),
-        )
-        .unwrap();
+        let body = plain_body(&cfg);
         assert_eq!(body["HostConfig"]["NetworkMode"], "host");
         assert!(body["HostConfig"].get("PortBindings").is_none());
     }
