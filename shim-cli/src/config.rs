@@ -31,6 +31,8 @@ pub struct Settings {
     pub pipelines: serde_json::Value,
     /// Engine preset overrides (`engines.vllm.image`, ...).
     pub engines: serde_json::Value,
+    /// The OpenAI-compatible gateway on `/v1` (`gateway.apiKeys`, `gateway.balance`, ...).
+    pub gateway: shim_gateway::GatewayConfig,
 }
 
 /// `service:`
@@ -124,6 +126,8 @@ pub struct EngineSection {
     pub gpus: Option<Vec<String>>,
     /// Let services share GPUs.
     pub share_gpus: bool,
+    /// `enforce` (refuse requests that do not fit the GPUs, 422), `warn` or `off`.
+    pub fit_check: shim_core::FitCheck,
 }
 
 impl Default for EngineSection {
@@ -142,6 +146,7 @@ impl Default for EngineSection {
             event_history: core.event_history,
             gpus: core.gpus,
             share_gpus: core.share_gpus,
+            fit_check: core.fit_check,
         }
     }
 }
@@ -224,6 +229,7 @@ impl Settings {
             event_history: e.event_history,
             gpus: e.gpus.clone(),
             share_gpus: e.share_gpus,
+            fit_check: e.fit_check,
             default_engine: e.default_engine.clone(),
             plugins: Arc::new(tree),
             ..EngineConfig::default()
@@ -259,6 +265,29 @@ mod tests {
                 s.engine_config().plugins["engines"]["vllm"]["image"],
                 "mirror/vllm:1"
             );
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn gateway_keys_come_from_yaml_or_the_environment() {
+        figment::Jail::expect_with(|jail| {
+            jail.create_file(
+                "gw.yaml",
+                "gateway:\n  balance: prefix\n  apiKeys:\n    - key: yaml-key\n      models: [llama]\n",
+            )?;
+            let s = Settings::load(Some(std::path::Path::new("gw.yaml")), serde_json::json!({}))
+                .expect("loads");
+            assert_eq!(s.gateway.balance, shim_gateway::Balance::Prefix);
+            assert_eq!(s.gateway.api_keys.0[0].key, "yaml-key");
+            assert_eq!(s.gateway.api_keys.0[0].models, vec!["llama".to_owned()]);
+            jail.set_env("XMOD_SHIM_GATEWAY__APIKEYS", "k1,k2=qwen|llama");
+            jail.set_env("XMOD_SHIM_GATEWAY__QUEUESIZE", "7");
+            let s = Settings::load(None, serde_json::json!({})).expect("loads");
+            let keys: Vec<&str> = s.gateway.api_keys.0.iter().map(|k| k.key.as_str()).collect();
+            assert_eq!(keys, ["k1", "k2"]);
+            assert_eq!(s.gateway.api_keys.0[1].models, ["qwen", "llama"]);
+            assert_eq!(s.gateway.queue_size, 7);
             Ok(())
         });
     }

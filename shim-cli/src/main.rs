@@ -1,6 +1,7 @@
 //! `model-serve-shim`: the xmod-shim server (the default command) plus client subcommands
 //! against a running server, and the built-in mock engine.
 
+mod chat;
 mod client;
 mod config;
 mod mock_engine;
@@ -126,6 +127,8 @@ enum Command {
     Plugins(client::ClientArgs),
     /// List the models under the server's model root.
     Models(client::ClientArgs),
+    /// Chat with a deployed model through the OpenAI gateway, streaming the answer.
+    Chat(chat::ChatArgs),
     /// Run the built-in mock OpenAI-compatible engine (for demos and tests; loads no model).
     MockEngine(mock_engine::MockEngineArgs),
 }
@@ -156,6 +159,7 @@ fn main() -> std::process::ExitCode {
             Some(Command::Events(args)) => client::events(args).await,
             Some(Command::Plugins(args)) => client::plugins(args).await,
             Some(Command::Models(args)) => client::models(args).await,
+            Some(Command::Chat(args)) => chat::run(args).await,
             Some(Command::MockEngine(args)) => mock_engine::run(args).await,
         }
     });

@@ -54,7 +54,13 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
             ..shim_server::ServerConfig::default()
         },
     );
-    shim_server::serve(listener, state, shutdown_signal())
+    // The OpenAI gateway shares the port, outside the admin API's envelope and token.
+    let gateway = shim_gateway::Gateway::new(engine.clone(), settings.gateway.clone());
+    let metrics = gateway.clone();
+    state
+        .metrics()
+        .append(Box::new(move |out| metrics.render_metrics(out)));
+    shim_server::serve_app(listener, state, gateway.router(), shutdown_signal())
         .await
         .context("server failed")?;
     tracing::info!("shutting down; workloads keep running and are re-adopted on the next start");

@@ -152,6 +152,22 @@ pub async fn serve(
     state: AppState,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
+    serve_app(listener, state, Router::new(), shutdown).await
+}
+
+/// [`serve`] with `extra` routes beside the API, outside its envelope, auth and body limit: for
+/// routers that answer in their own shape, such as the OpenAI gateway's `/v1/*` (its errors are
+/// OpenAI's, not envelopes). Their paths must not overlap the API's, and `extra` must have no
+/// fallback of its own.
+///
+/// # Errors
+/// I/O errors of the listener.
+pub async fn serve_app(
+    listener: tokio::net::TcpListener,
+    state: AppState,
+    extra: Router,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
     let stopping = state.stopping().clone();
     let grace = state.shutdown_grace();
     // Small JSON answers on kept-alive connections must not wait for Nagle's algorithm.
@@ -169,7 +185,7 @@ pub async fn serve(
             stopping.cancel();
         }
     };
-    let server = axum::serve(listener, router(state))
+    let server = axum::serve(listener, extra.merge(router(state)))
         .with_graceful_shutdown(signal)
         .into_future();
     let deadline = async {

@@ -7,7 +7,7 @@
 
 use std::collections::HashMap;
 use std::fmt::Write as _;
-use std::sync::Mutex;
+use std::sync::{Mutex, OnceLock};
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use axum::http::{Method, StatusCode};
@@ -30,7 +30,6 @@ const CODES: [u16; 14] = [
 ];
 
 /// Counts HTTP requests by matched route, method and status code.
-#[derive(Debug)]
 pub struct HttpMetrics {
     /// Distinct paths of [`ROUTES`], then [`UNMATCHED`].
     routes: Vec<&'static str>,
@@ -38,6 +37,20 @@ pub struct HttpMetrics {
     slots: Box<[AtomicU64]>,
     /// Counters for codes not in [`CODES`].
     other: Mutex<HashMap<(usize, usize, u16), u64>>,
+    /// Metrics of routers mounted beside the API (the OpenAI gateway), appended to `/metrics`.
+    extra: OnceLock<ExtraMetrics>,
+}
+
+/// Writes more Prometheus text at the end of `/metrics`.
+pub type ExtraMetrics = Box<dyn Fn(&mut String) + Send + Sync>;
+
+impl std::fmt::Debug for HttpMetrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HttpMetrics")
+            .field("routes", &self.routes)
+            .field("extra", &self.extra.get().is_some())
+            .finish_non_exhaustive()
+    }
 }
 
 impl Default for HttpMetrics {
@@ -63,6 +76,14 @@ impl HttpMetrics {
             routes,
             slots,
             other: Mutex::default(),
+            extra: OnceLock::new(),
+        }
+    }
+
+    /// Appends `render`'s text to every `/metrics` answer (set once; later calls are ignored).
+    pub fn append(&self, render: ExtraMetrics) {
+        if self.extra.set(render).is_err() {
+            tracing::warn!("extra /metrics renderer already set; ignoring another");
         }
     }
 
@@ -197,6 +218,9 @@ pub(crate) fn render(engine: &Engine, http: &HttpMetrics) -> String {
             "xmod_shim_http_requests_total{{route=\"{}\",method=\"{method}\",code=\"{code}\"}} {n}",
             escape_label(route)
         );
+    }
+    if let Some(extra) = http.extra.get() {
+        extra(&mut out);
     }
     out
 }
