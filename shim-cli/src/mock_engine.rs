@@ -74,8 +74,9 @@ pub struct MockEngineArgs {
     /// Exit with code 3 once N requests to /v1/* have been answered (simulates an engine crash).
     #[arg(long, env = "MOCK_CRASH_AFTER")]
     pub crash_after: Option<u64>,
-    /// Per-token delay for streamed responses (ms).
-    #[arg(long, default_value_t = 0)]
+    /// Per-token delay for streamed responses (ms); settable through a deploy's env, so a test
+    /// can watch a stream arrive token by token.
+    #[arg(long, default_value_t = 0, env = "MOCK_TOKEN_DELAY_MS")]
     pub token_delay_ms: u64,
 }
 

@@ -189,6 +189,15 @@ struct StatusView<'a> {
     update_time: String,
     #[serde(skip_serializing_if = "Option::is_none")]
     model_name: Option<&'a str>,
+    /// The engine preset asked for; absent when the deploy left it to the server's default.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    engine: Option<&'a str>,
+    /// The spec's context length and GPU count, so a client can re-send them in an update
+    /// (environment values are not shown: they may hold secrets).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    context_length: Option<i64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    accelerator_count: Option<u32>,
     #[serde(skip_serializing_if = "Option::is_none")]
     generation: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -212,6 +221,9 @@ impl<'a> StatusView<'a> {
             endpoint: if running { &record.endpoint } else { "" },
             update_time: wire_time(record.updated_at),
             model_name: Some(&record.spec.model_name),
+            engine: record.spec.engine.as_deref(),
+            context_length: record.spec.context_length,
+            accelerator_count: Some(record.spec.accelerators()),
             generation: Some(record.generation),
             ready_replicas: Some(record.ready_replicas),
             desired_replicas: Some(record.desired_replicas),
@@ -228,6 +240,9 @@ impl<'a> StatusView<'a> {
             endpoint: "",
             update_time: wire_time(deleted.map_or_else(Utc::now, |r| r.updated_at)),
             model_name: deleted.map(|r| r.spec.model_name.as_str()),
+            engine: deleted.and_then(|r| r.spec.engine.as_deref()),
+            context_length: None,
+            accelerator_count: None,
             generation: deleted.map(|r| r.generation),
             ready_replicas: None,
             desired_replicas: None,
@@ -585,6 +600,32 @@ fn is_unsupported(err: &ShimletError, capability: &str) -> bool {
 /// `GET /api/v1/plugins`: registered shimlets and pipelines, the active ones marked.
 pub(crate) async fn plugins(State(state): State<AppState>) -> Response {
     success(state.engine().plugins())
+}
+
+/// `GET /api/v1/events`: every service's events as server-sent events, live only (no history:
+/// a client lists the services first, or after this stream opens so nothing falls in between).
+/// Each `data:` is one Event as JSON, as on the per-service stream; a subscriber that falls
+/// behind gets an event named `lagged` with the number it missed, and should re-list.
+pub(crate) async fn all_events(State(state): State<AppState>) -> Response {
+    let live = state.engine().subscribe();
+    let stopping = state.stopping().clone();
+    let stream = futures::stream::unfold(live, move |mut live| {
+        let stopping = stopping.clone();
+        async move {
+            let received = tokio::select! {
+                () = stopping.cancelled() => return None,
+                received = live.next() => received,
+            };
+            let event = match received.ok()? {
+                Received::Lagged(n) => SseEvent::default().event("lagged").data(n.to_string()),
+                Received::Event(event) => sse_event(&event),
+            };
+            Some((Ok::<_, Infallible>(event), live))
+        }
+    });
+    Sse::new(stream)
+        .keep_alive(KeepAlive::default())
+        .into_response()
 }
 
 /// `GET /healthz`.

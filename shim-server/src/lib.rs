@@ -25,6 +25,7 @@
 //! # Ok(()) }
 //! ```
 
+mod console;
 mod envelope;
 mod handlers;
 mod metrics;
@@ -57,6 +58,7 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("GET", "/api/v1/modserv/{serviceId}/pipeline"),
     ("GET", "/api/v1/modserv/{serviceId}/events"),
     ("GET", "/api/v1/modserv/{serviceId}/logs"),
+    ("GET", "/api/v1/events"),
     ("GET", "/api/v1/plugins"),
     ("GET", "/api/v1/openapi.yaml"),
     ("GET", "/metrics"),
@@ -80,6 +82,7 @@ fn handler_for(method: &str, path: &str) -> Option<MethodRouter<AppState>> {
         ("GET", "/api/v1/modserv/{serviceId}/pipeline") => routing::get(pipeline),
         ("GET", "/api/v1/modserv/{serviceId}/events") => routing::get(events),
         ("GET", "/api/v1/modserv/{serviceId}/logs") => routing::get(logs),
+        ("GET", "/api/v1/events") => routing::get(all_events),
         ("GET", "/api/v1/plugins") => routing::get(plugins),
         ("GET", "/api/v1/openapi.yaml") => routing::get(openapi),
         ("GET", "/metrics") => routing::get(metrics_text),
@@ -114,7 +117,8 @@ pub fn router(state: AppState) -> Router {
             None => paths.push((path, handler)),
         }
     }
-    let mut app = Router::new();
+    // The web console's static pages sit beside the API (not in ROUTES: they are no API).
+    let mut app = console::routes();
     for (path, handler) in paths {
         app = app.route(path, handler);
     }

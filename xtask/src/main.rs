@@ -13,6 +13,7 @@ use std::process::Command;
 
 use anyhow::{Context as _, bail};
 
+mod browser;
 mod docker_image;
 
 fn main() -> anyhow::Result<()> {
@@ -75,6 +76,8 @@ fn ci() -> anyhow::Result<()> {
     ])?;
     // The real-engine test runs llama-cpp-python from the virtualenv made (or reused) here.
     let python = llama_env()?;
+    // The web console's browser test drives Chromium; it fails under CI without it.
+    browser::ensure_chromium()?;
     cargo_with(
         &["test", "--workspace"],
         &[("XMOD_SHIM_LLAMA_PYTHON", python.as_path())],

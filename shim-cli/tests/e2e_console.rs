@@ -1,0 +1,534 @@
+//! The web console in a real headless Chromium, driven over WebDriver (chromedriver): the real
+//! binary with the process runtime and the built-in mock engine, and an operator who deploys from
+//! the form, watches the service turn running without a reload, reads its logs, chats with it in
+//! the playground, visits every page and deletes it. The browser's console must stay free of
+//! errors. A screenshot of each page is saved (to `XMOD_SHIM_SCREENSHOTS` when set, else to the
+//! test's temporary directory).
+//!
+//! Chromium and chromedriver come from the Debian packages `chromium` and `chromium-driver`
+//! (`cargo xtask ci` installs them). Under `CI=true` their absence fails the test; elsewhere the
+//! test says loudly that it did not run.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+use fantoccini::wd::{Capabilities, WebDriverCompatibleCommand};
+use fantoccini::{Client, ClientBuilder, Locator};
+use serde_json::{Value, json};
+
+/// The first of `names` found on PATH (or the path given in `env`).
+fn find_program(env: &str, names: &[&str]) -> Option<PathBuf> {
+    if let Some(path) = std::env::var_os(env) {
+        return Some(PathBuf::from(path));
+    }
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path)
+        .flat_map(|dir| names.iter().map(move |n| dir.join(n)))
+        .find(|p| p.is_file())
+}
+
+/// chromedriver as a child process, killed on drop.
+struct Driver {
+    child: Child,
+    url: String,
+}
+
+impl Driver {
+    fn start(program: &Path, log: &Path) -> Driver {
+        let port = free_port();
+        let log = std::fs::File::create(log).unwrap();
+        let child = Command::new(program)
+            .arg(format!("--port={port}"))
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("start chromedriver");
+        let url = format!("http://127.0.0.1:{port}");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(Instant::now() < deadline, "chromedriver did not come up");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Driver { child, url }
+    }
+}
+
+impl Drop for Driver {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// chromedriver's log endpoint (`POST /session/{id}/se/log`): what the page wrote to its console,
+/// uncaught exceptions and failed loads included. Not part of W3C WebDriver, so fantoccini has no
+/// method for it; this is its documented extension point.
+#[derive(Debug)]
+struct BrowserLog;
+
+impl WebDriverCompatibleCommand for BrowserLog {
+    fn endpoint(
+        &self,
+        base_url: &url::Url,
+        session_id: Option<&str>,
+    ) -> Result<url::Url, url::ParseError> {
+        base_url.join(&format!(
+            "session/{}/se/log",
+            session_id.unwrap_or_default()
+        ))
+    }
+
+    fn method_and_body(&self, _url: &url::Url) -> (axum::http::Method, Option<String>) {
+        (
+            axum::http::Method::POST,
+            Some(json!({ "type": "browser" }).to_string()),
+        )
+    }
+}
+
+struct Browser {
+    client: Client,
+    shots: PathBuf,
+    /// Every console entry seen so far (the log endpoint returns each entry once).
+    log: Vec<Value>,
+}
+
+impl Browser {
+    /// Evaluates `expr` until it is truthy; returns its value.
+    async fn until(&self, expr: &str, what: &str, secs: u64) -> Value {
+        let deadline = Instant::now() + Duration::from_secs(secs);
+        let script = format!("return ({expr});");
+        loop {
+            let value = self.client.execute(&script, vec![]).await.unwrap();
+            let truthy = match &value {
+                Value::Null => false,
+                Value::Bool(b) => *b,
+                Value::String(s) => !s.is_empty(),
+                Value::Number(n) => n.as_f64() != Some(0.0),
+                _ => true,
+            };
+            if truthy {
+                return value;
+            }
+            if Instant::now() > deadline {
+                let page = self
+                    .client
+                    .execute("return document.getElementById('main').innerText", vec![])
+                    .await
+                    .unwrap_or_default();
+                panic!("timed out waiting for {what} ({expr}); the page shows:\n{page}");
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    async fn click(&self, css: &str) {
+        self.client
+            .find(Locator::Css(css))
+            .await
+            .unwrap_or_else(|e| panic!("no {css}: {e}"))
+            .click()
+            .await
+            .unwrap_or_else(|e| panic!("cannot click {css}: {e}"));
+    }
+
+    async fn shot(&self, name: &str) {
+        // The page as a person lands on it: from the top.
+        self.client
+            .execute("window.scrollTo(0, 0)", vec![])
+            .await
+            .unwrap();
+        let png = self.client.screenshot().await.unwrap();
+        std::fs::write(self.shots.join(format!("{name}.png")), png).unwrap();
+    }
+
+    async fn collect_log(&mut self) {
+        let entries = self.client.issue_cmd(BrowserLog).await.unwrap();
+        self.log
+            .extend(entries.as_array().cloned().unwrap_or_default());
+    }
+}
+
+#[test]
+fn an_operator_deploys_watches_reads_logs_chats_and_deletes_in_a_real_browser() {
+    let ci = std::env::var("CI").is_ok_and(|v| v == "true" || v == "1");
+    let chromium = find_program(
+        "CHROMIUM",
+        &["chromium", "chromium-browser", "google-chrome"],
+    );
+    let chromedriver = find_program("CHROMEDRIVER", &["chromedriver"]);
+    let (Some(chromium), Some(chromedriver)) = (chromium, chromedriver) else {
+        assert!(
+            !ci,
+            "CI=true but chromium or chromedriver is missing: install the Debian packages \
+             `chromium` and `chromium-driver` (cargo xtask ci does)"
+        );
+        eprintln!(
+            "\n\n*** SKIPPED: the web console's browser test did not run: chromium or chromedriver \
+             is not installed (apt-get install chromium chromium-driver). Under CI=true this fails. ***\n"
+        );
+        return;
+    };
+
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let models = dir.path().join("models");
+    let _reaper = Reaper {
+        marker: models.display().to_string(),
+    };
+    std::fs::create_dir_all(models.join("demo")).unwrap();
+    let shots = std::env::var_os("XMOD_SHIM_SCREENSHOTS")
+        .map_or_else(|| dir.path().join("screenshots"), PathBuf::from);
+    std::fs::create_dir_all(&shots).unwrap();
+    let shim = Shim::start(&data, &models, free_port());
+    // What the server offers besides the core API (other issues add them); the test then expects
+    // the console to use them, or to say plainly that they are missing.
+    let has_route = |path: &str| {
+        client()
+            .get(shim.url(path))
+            .send()
+            .is_ok_and(|r| r.status() != reqwest::StatusCode::NOT_FOUND)
+    };
+    let gateway = has_route("/v1/models");
+    let gpus = has_route("/api/v1/gpus");
+    let driver = Driver::start(&chromedriver, &dir.path().join("chromedriver.log"));
+
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let (service_id, log) = runtime.block_on(async {
+        let mut caps = Capabilities::new();
+        caps.insert(
+            "goog:chromeOptions".into(),
+            json!({
+                "binary": chromium,
+                "args": ["--headless=new", "--no-sandbox", "--disable-gpu",
+                         "--disable-dev-shm-usage", "--window-size=1280,860",
+                         "--force-prefers-reduced-motion"],
+            }),
+        );
+        caps.insert("goog:loggingPrefs".into(), json!({ "browser": "ALL" }));
+        let client = ClientBuilder::new(hyper_util::client::legacy::connect::HttpConnector::new())
+            .capabilities(caps)
+            .connect(&driver.url)
+            .await
+            .expect("a chromedriver session");
+        let mut b = Browser {
+            client,
+            shots: shots.clone(),
+            log: Vec::new(),
+        };
+
+        // The services page, empty, with its live stream connected.
+        b.client.goto(&shim.url("/ui")).await.unwrap();
+        b.until("document.querySelector('#services-table') !== null", "the services table", 20)
+            .await;
+        b.until("document.getElementById('live').textContent === 'live'", "the live stream", 20)
+            .await;
+        // A marker that a reload would wipe: every later step must happen without one.
+        b.client
+            .execute("window.__noReload = true", vec![])
+            .await
+            .unwrap();
+
+        // Deploy from the form: the mock model, the mock engine, a dry run first.
+        b.click("a[data-page=deploy]").await;
+        b.until(
+            "document.querySelector('#deploy-model option[value=demo]') !== null",
+            "the model list",
+            20,
+        )
+        .await;
+        let form = b.client.find(Locator::Css("#deploy-engine")).await.unwrap();
+        form.select_by_value("mock").await.unwrap();
+        let gpus_field = b.client.find(Locator::Css("#deploy-gpus")).await.unwrap();
+        gpus_field.clear().await.unwrap();
+        gpus_field.send_keys("0").await.unwrap();
+        // The mock engine streams a token every 40 ms, so streaming is observable.
+        b.client
+            .find(Locator::Css("#deploy-env"))
+            .await
+            .unwrap()
+            .send_keys("MOCK_TOKEN_DELAY_MS=40")
+            .await
+            .unwrap();
+        let confirm_disabled = b
+            .client
+            .execute("return document.getElementById('deploy-confirm').disabled", vec![])
+            .await
+            .unwrap();
+        assert_eq!(confirm_disabled, json!(true), "deploy before a dry run");
+        b.click("#deploy-preview").await;
+        b.until(
+            "document.querySelector('#dry-run details pre') !== null \
+             && !document.getElementById('deploy-confirm').disabled",
+            "the dry run",
+            30,
+        )
+        .await;
+        let rendered = b
+            .until("document.querySelector('#dry-run').innerText", "the rendered workload", 5)
+            .await;
+        assert!(
+            rendered.as_str().unwrap().contains("mock-engine"),
+            "the dry run shows the mock engine's command: {rendered}"
+        );
+        b.shot("deploy").await;
+        b.click("#deploy-confirm").await;
+        let hash = b
+            .until(
+                "location.hash.startsWith('#/service/') && location.hash",
+                "the detail page after deploying",
+                20,
+            )
+            .await;
+        let service_id = hash
+            .as_str()
+            .unwrap()
+            .trim_start_matches("#/service/")
+            .to_string();
+
+        // Back to the table: the new service turns running there by itself.
+        b.click("a[data-page=services]").await;
+        let row = format!("#services-table tr[data-id='{service_id}']");
+        b.until(
+            &format!(
+                "document.querySelector(\"{row}\") \
+                 && document.querySelector(\"{row} .status\").textContent === 'running'"
+            ),
+            "the service running in the table",
+            60,
+        )
+        .await;
+        let row_text = b
+            .until(
+                &format!("document.querySelector(\"{row}\").innerText"),
+                "the row",
+                5,
+            )
+            .await;
+        let row_text = row_text.as_str().unwrap();
+        assert!(row_text.contains("demo") && row_text.contains("mock"), "{row_text}");
+        assert!(row_text.contains("1/1"), "ready/desired: {row_text}");
+        assert!(row_text.contains("/v1/chat/completions"), "endpoint: {row_text}");
+        b.shot("services").await;
+
+        // The detail page: pipeline done, events, and the engine log.
+        b.click(&format!("{row} a[href^='#/service/']")).await;
+        b.until(
+            "document.querySelector('#service-facts .status')?.textContent === 'running'",
+            "the detail page",
+            20,
+        )
+        .await;
+        b.until(
+            "[...document.querySelectorAll('#steps li')].length > 0 && \
+             [...document.querySelectorAll('#steps li')].every(li => ['succeeded','skipped'].includes(li.dataset.state))",
+            "every pipeline step done",
+            20,
+        )
+        .await;
+        b.until(
+            "document.getElementById('timeline').innerText.includes('→ running')",
+            "the transition to running in the timeline",
+            20,
+        )
+        .await;
+        b.click("#show-logs").await;
+        let logs = b
+            .until(
+                "document.getElementById('logs').textContent.includes('mock') \
+                 && document.getElementById('logs').textContent",
+                "the engine log",
+                20,
+            )
+            .await;
+        assert!(
+            !logs.as_str().unwrap().starts_with("Logs unavailable"),
+            "{logs}"
+        );
+        b.shot("detail").await;
+
+        // The playground: a streamed answer through the gateway, token by token.
+        b.click("a[data-page=playground]").await;
+        if gateway {
+            b.until(
+                "document.querySelector('#chat-model option[value=demo]') !== null",
+                "the gateway's model list",
+                30,
+            )
+            .await;
+            // Records every text the answer shows while it streams.
+            b.client
+                .execute(
+                    "window.__seen = [];
+                     new MutationObserver(() => {
+                       const a = document.querySelector('#chat .msg.assistant');
+                       if (a && a.textContent) window.__seen.push(a.textContent);
+                     }).observe(document.getElementById('chat'),
+                                {subtree: true, childList: true, characterData: true});",
+                    vec![],
+                )
+                .await
+                .unwrap();
+            b.client
+                .find(Locator::Css("#chat-input"))
+                .await
+                .unwrap()
+                .send_keys("hello there from the browser test")
+                .await
+                .unwrap();
+            b.click("#chat-send").await;
+            let answer = b
+                .until(
+                    "!document.querySelector('#chat .msg.assistant[aria-busy]') \
+                     && document.querySelector('#chat .msg.assistant')?.textContent",
+                    "a chat answer",
+                    30,
+                )
+                .await;
+            assert!(
+                b.client
+                    .find_all(Locator::Css("#chat .msg.error"))
+                    .await
+                    .unwrap()
+                    .is_empty(),
+                "the chat showed an error"
+            );
+            let seen = b.client.execute("return window.__seen", vec![]).await.unwrap();
+            let distinct: std::collections::BTreeSet<&str> = seen
+                .as_array()
+                .unwrap()
+                .iter()
+                .filter_map(Value::as_str)
+                .collect();
+            assert!(
+                distinct.len() >= 3,
+                "the answer arrived in one piece, not token by token: {seen}; answer {answer}"
+            );
+        } else {
+            // No gateway on this server yet: the page says so, and a message fails visibly.
+            b.until(
+                "document.getElementById('chat-notice').textContent.includes('no OpenAI gateway')",
+                "the missing-gateway notice",
+                20,
+            )
+            .await;
+            b.client
+                .find(Locator::Css("#chat-input"))
+                .await
+                .unwrap()
+                .send_keys("hello")
+                .await
+                .unwrap();
+            b.click("#chat-send").await;
+            b.until(
+                "document.querySelector('#chat .msg.error')?.textContent",
+                "the failed request shown in the chat",
+                20,
+            )
+            .await;
+            eprintln!(
+                "NOTE: this server has no OpenAI gateway (/v1/models is 404): the playground was \
+                 tested up to the request, not the streamed answer"
+            );
+        }
+        b.shot("playground").await;
+
+        b.click("a[data-page=gpus]").await;
+        b.until(
+            "!document.getElementById('main').innerText.includes('Loading')",
+            "the GPUs page",
+            20,
+        )
+        .await;
+        b.shot("gpus").await;
+        b.click("a[data-page=plugins]").await;
+        let plugins = b
+            .until(
+                "document.querySelectorAll('#main table').length === 2 && document.getElementById('main').innerText",
+                "the plugins page",
+                20,
+            )
+            .await;
+        assert!(plugins.as_str().unwrap().contains("process"), "{plugins}");
+        b.shot("plugins").await;
+
+        // Delete from the table, with the confirmation dialog; the row goes away by itself.
+        b.click("a[data-page=services]").await;
+        b.until(&format!("document.querySelector(\"{row}\")"), "the row again", 20)
+            .await;
+        b.click(&format!("{row} button.danger")).await;
+        b.until(
+            "document.getElementById('confirm-dialog').open",
+            "the confirmation dialog",
+            5,
+        )
+        .await;
+        b.click("#confirm-ok").await;
+        b.until(
+            &format!("document.querySelector(\"{row}\") === null"),
+            "the row to disappear after the delete",
+            60,
+        )
+        .await;
+        b.shot("services-after-delete").await;
+        let no_reload = b
+            .client
+            .execute("return window.__noReload === true", vec![])
+            .await
+            .unwrap();
+        assert_eq!(no_reload, json!(true), "the page was reloaded");
+
+        b.collect_log().await;
+        let log = std::mem::take(&mut b.log);
+        b.client.close().await.unwrap();
+        (service_id, log)
+    });
+
+    // The server agrees: the service is gone.
+    let (status, _) = wait_status(&shim, &service_id, 30, |d| d["status"] == "notExist");
+    assert_eq!(status["status"], "notExist");
+
+    // No errors in the browser's console. A route another issue has not delivered yet is
+    // probed once and answered 404; Chromium logs that fetch as a failed load, which is the only
+    // error allowed, and only for a route checked above to be absent.
+    let missing: Vec<&str> = [
+        (!gateway).then_some("/v1/models"),
+        (!gateway).then_some("/v1/chat/completions"),
+        (!gpus).then_some("/api/v1/gpus"),
+    ]
+    .into_iter()
+    .flatten()
+    .collect();
+    let errors: Vec<&Value> = log
+        .iter()
+        .filter(|e| e["level"] == "SEVERE")
+        .filter(|e| {
+            let text = e["message"].as_str().unwrap_or_default();
+            !(text.contains("404")
+                && missing
+                    .iter()
+                    .any(|path| text.contains(&format!("{path} "))))
+        })
+        .collect();
+    assert!(errors.is_empty(), "browser console errors: {errors:#?}");
+    for name in [
+        "deploy",
+        "services",
+        "detail",
+        "playground",
+        "gpus",
+        "plugins",
+    ] {
+        let png = std::fs::read(shots.join(format!("{name}.png"))).unwrap();
+        assert!(
+            png.starts_with(b"\x89PNG") && png.len() > 5_000,
+            "{name}.png"
+        );
+    }
+    eprintln!("screenshots in {}", shots.display());
+}
