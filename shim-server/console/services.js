@@ -110,7 +110,10 @@ export function render(main) {
         replace(endpoint, v.endpoint
           ? h('span', { class: 'endpoint' }, h('code', { title: v.endpoint }, v.endpoint), copyButton(v.endpoint))
           : h('span', { class: 'muted' }, '–'));
-        reason.textContent = [v.reason, v.message].filter(Boolean).join(': ');
+        const why = [v.reason, v.message].filter(Boolean).join(': ');
+        // Long runtime messages are clamped to two lines; the whole text is in the tooltip and
+        // on the detail page.
+        replace(reason, why ? h('div', { class: 'clamp', title: why }, why) : '');
         // Keep what the operator is typing; follow the server otherwise.
         if (document.activeElement !== replicas || lastDesired === null) replicas.value = v.desiredReplicas ?? '';
         lastDesired = v.desiredReplicas;
