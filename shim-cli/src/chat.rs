@@ -22,7 +22,11 @@ pub struct ChatArgs {
     #[arg(long)]
     pub max_tokens: Option<u64>,
     /// Base URL of the server.
-    #[arg(long, env = "XMOD_SHIM_SERVER", default_value = "http://127.0.0.1:8080")]
+    #[arg(
+        long,
+        env = "XMOD_SHIM_SERVER",
+        default_value = "http://127.0.0.1:8080"
+    )]
     pub server: String,
     /// Gateway API key (one of `gateway.apiKeys`), when the gateway requires one.
     #[arg(long, env = "XMOD_SHIM_API_KEY", hide_env_values = true)]
@@ -60,10 +64,7 @@ async fn answer(
     args: &ChatArgs,
     messages: &[Value],
 ) -> anyhow::Result<String> {
-    let url = format!(
-        "{}/v1/chat/completions",
-        args.server.trim_end_matches('/')
-    );
+    let url = format!("{}/v1/chat/completions", args.server.trim_end_matches('/'));
     let mut body = json!({"model": args.model, "messages": messages, "stream": true});
     if let Some(max) = args.max_tokens {
         body["max_tokens"] = max.into();

@@ -284,7 +284,13 @@ mod tests {
             jail.set_env("XMOD_SHIM_GATEWAY__APIKEYS", "k1,k2=qwen|llama");
             jail.set_env("XMOD_SHIM_GATEWAY__QUEUESIZE", "7");
             let s = Settings::load(None, serde_json::json!({})).expect("loads");
-            let keys: Vec<&str> = s.gateway.api_keys.0.iter().map(|k| k.key.as_str()).collect();
+            let keys: Vec<&str> = s
+                .gateway
+                .api_keys
+                .0
+                .iter()
+                .map(|k| k.key.as_str())
+                .collect();
             assert_eq!(keys, ["k1", "k2"]);
             assert_eq!(s.gateway.api_keys.0[1].models, ["qwen", "llama"]);
             assert_eq!(s.gateway.queue_size, 7);

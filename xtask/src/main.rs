@@ -15,21 +15,28 @@ use anyhow::{Context as _, bail};
 
 mod browser;
 mod docker_image;
+mod gateway_bench;
+mod openai_env;
 
 fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let task = args.first().map(String::as_str).unwrap_or("help");
     match task {
         "ci" => ci(),
+        "bench" if args.get(1).is_some_and(|a| a == "gateway") => gateway_bench::run(&args[2..]),
+        "bench-gateway" => gateway_bench::run(&args[1..]),
         "bench" => bench(&args[1..]),
         "docker-image" => docker_image::run(&args[1..]),
         "llama-env" => llama_env().map(|python| println!("{}", python.display())),
+        "openai-env" => openai_env::python().map(|python| println!("{}", python.display())),
         "tiny-model" => {
             let dir = args.get(1).context("usage: cargo xtask tiny-model DIR")?;
             tiny_model(Path::new(dir))
         }
         "help" | "--help" | "-h" => {
-            println!("usage: cargo xtask <ci | bench | docker-image | llama-env | tiny-model DIR>");
+            println!(
+                "usage: cargo xtask <ci | bench [gateway] | docker-image | llama-env | openai-env | tiny-model DIR>"
+            );
             Ok(())
         }
         other => bail!("unknown task {other:?}; try `cargo xtask help`"),
@@ -76,11 +83,16 @@ fn ci() -> anyhow::Result<()> {
     ])?;
     // The real-engine test runs llama-cpp-python from the virtualenv made (or reused) here.
     let python = llama_env()?;
+    // The gateway's OpenAI SDK test runs the official `openai` package from this virtualenv.
+    let openai_python = openai_env::python()?;
     // The web console's browser test drives Chromium; it fails under CI without it.
     browser::ensure_chromium()?;
     cargo_with(
         &["test", "--workspace"],
-        &[("XMOD_SHIM_LLAMA_PYTHON", python.as_path())],
+        &[
+            ("XMOD_SHIM_LLAMA_PYTHON", python.as_path()),
+            ("XMOD_SHIM_OPENAI_PYTHON", openai_python.as_path()),
+        ],
     )?;
     Ok(())
 }
