@@ -138,9 +138,12 @@ impl Browser {
     }
 
     async fn shot(&self, name: &str) {
-        // The page as a person lands on it: from the top.
+        // The page as a person lands on it: from the top, without the passing notifications.
         self.client
-            .execute("window.scrollTo(0, 0)", vec![])
+            .execute(
+                "window.scrollTo(0, 0); document.getElementById('toasts').replaceChildren()",
+                vec![],
+            )
             .await
             .unwrap();
         let png = self.client.screenshot().await.unwrap();
@@ -227,7 +230,16 @@ fn an_operator_deploys_watches_reads_logs_chats_and_deletes_in_a_real_browser() 
     };
     std::fs::create_dir_all(models.join("demo")).unwrap();
     let shots = screenshots_dir(dir.path());
-    let shim = Shim::start(&data, &models, free_port());
+    // One GPU declared in config (no real one needed): the form then asks for one per replica,
+    // and the GPUs page shows the service holding it.
+    let config = dir.path().join("shim.yaml");
+    std::fs::write(&config, "engine:\n  gpus: [\"0\"]\n").unwrap();
+    let shim = Shim::start_with(
+        &data,
+        &models,
+        free_port(),
+        &["--config", config.to_str().unwrap()],
+    );
     // What the server offers besides the core API (other issues add them); the test then expects
     // the console to use them, or to say plainly that they are missing.
     let has_route = |path: &str| {
@@ -236,6 +248,11 @@ fn an_operator_deploys_watches_reads_logs_chats_and_deletes_in_a_real_browser() 
             .send()
             .is_ok_and(|r| r.status() != reqwest::StatusCode::NOT_FOUND)
     };
+    // A service whose model is missing fails at once: the table then shows a reason too.
+    deploy(
+        &shim,
+        json!({ "modelName": "qwen-missing", "engine": "mock" }),
+    );
     let gateway = has_route("/v1/models");
     let gpus = has_route("/api/v1/gpus");
     let driver = Driver::start(&chromedriver, &dir.path().join("chromedriver.log"));
@@ -266,9 +283,17 @@ fn an_operator_deploys_watches_reads_logs_chats_and_deletes_in_a_real_browser() 
         .await;
         let form = b.client.find(Locator::Css("#deploy-engine")).await.unwrap();
         form.select_by_value("mock").await.unwrap();
-        let gpus_field = b.client.find(Locator::Css("#deploy-gpus")).await.unwrap();
-        gpus_field.clear().await.unwrap();
-        gpus_field.send_keys("0").await.unwrap();
+        if gpus {
+            // The server has a GPU, so the form proposes one per replica.
+            let proposed = b
+                .until(
+                    "document.getElementById('deploy-gpus').value",
+                    "the GPU field",
+                    10,
+                )
+                .await;
+            assert_eq!(proposed, json!("1"));
+        }
         // The mock engine streams a token every 40 ms, so streaming is observable.
         b.client
             .find(Locator::Css("#deploy-env"))
@@ -461,12 +486,23 @@ fn an_operator_deploys_watches_reads_logs_chats_and_deletes_in_a_real_browser() 
         b.shot("playground").await;
 
         b.click("a[data-page=gpus]").await;
-        b.until(
-            "!document.getElementById('main').innerText.includes('Loading')",
-            "the GPUs page",
-            20,
-        )
-        .await;
+        if gpus {
+            b.until(
+                &format!(
+                    "document.querySelector('#gpus-table td.held')?.innerText.includes('{service_id}')"
+                ),
+                "the GPU held by the service",
+                20,
+            )
+            .await;
+        } else {
+            b.until(
+                "document.getElementById('main').innerText.includes('does not report GPUs')",
+                "the GPUs page saying the route is missing",
+                20,
+            )
+            .await;
+        }
         b.shot("gpus").await;
         b.click("a[data-page=plugins]").await;
         let plugins = b

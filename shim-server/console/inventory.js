@@ -7,25 +7,28 @@ export function renderGpus(main) {
   replace(main, h('h1', {}, 'GPUs'), body);
   (async () => {
     try {
-      const data = await optionalApi('/api/v1/gpus');
+      const [data, services] = await Promise.all([optionalApi('/api/v1/gpus'), api('/api/v1/modserv').catch(() => [])]);
+      const models = new Map(services.map((s) => [s.serviceId, s.modelName]));
       if (data === null) { replace(body, h('p', { class: 'muted' }, 'This server does not report GPUs (no /api/v1/gpus).')); return; }
       const gpus = data.gpus || [];
       if (!gpus.length) { replace(body, h('p', { class: 'muted' }, 'No GPU found on this machine.')); return; }
       replace(body, h('div', { class: 'table-wrap' }, h('table', { id: 'gpus-table' },
         h('thead', {}, h('tr', {}, ['#', 'Name', 'Memory used', '', 'Free', 'Held by'].map((t) => h('th', { scope: 'col' }, t)))),
         h('tbody', {}, gpus.map((g) => {
-          const pct = g.memoryTotalBytes ? Math.round((100 * (g.memoryUsedBytes || 0)) / g.memoryTotalBytes) : 0;
-          const bar = h('div', { class: 'bar', role: 'img', 'aria-label': `${pct}% used` }, h('span'));
-          bar.firstChild.style.width = `${pct}%`;
+          const known = Boolean(g.memoryTotalBytes);
+          const pct = known ? Math.round((100 * (g.memoryUsedBytes || 0)) / g.memoryTotalBytes) : 0;
+          const bar = known ? h('div', { class: 'bar', role: 'img', 'aria-label': `${pct}% used` }, h('span')) : '';
+          if (known) bar.firstChild.style.width = `${pct}%`;
           const holders = Array.isArray(g.heldBy) ? g.heldBy : (g.heldBy ? [g.heldBy] : []);
           return h('tr', {},
             h('td', {}, String(g.index)),
-            h('td', {}, g.name || '', h('div', { class: 'muted mono' }, g.uuid || '')),
-            h('td', {}, `${bytes(g.memoryUsedBytes)} of ${bytes(g.memoryTotalBytes)}`),
+            h('td', {}, g.name || `GPU ${g.id ?? g.index}`, h('div', { class: 'muted mono' }, g.uuid || (g.name ? '' : 'declared in config'))),
+            h('td', {}, known ? `${bytes(g.memoryUsedBytes)} of ${bytes(g.memoryTotalBytes)}` : h('span', { class: 'muted' }, 'not reported')),
             h('td', {}, bar),
-            h('td', {}, bytes(g.memoryFreeBytes)),
-            h('td', {}, holders.length
-              ? holders.map((id) => h('a', { href: `#/service/${encodeURIComponent(id)}`, class: 'mono' }, `${id} `))
+            h('td', {}, known ? bytes(g.memoryFreeBytes) : '–'),
+            h('td', { class: 'held' }, holders.length
+              ? holders.map((id) => h('div', {}, h('a', { href: `#/service/${encodeURIComponent(id)}`, class: 'mono' }, id),
+                models.has(id) ? ` ${models.get(id)}` : ''))
               : h('span', { class: 'muted' }, 'free')));
         })))));
     } catch (err) {

@@ -68,7 +68,7 @@ export function render(main) {
     for (const id of rows.keys()) if (!services.has(id)) rows.delete(id);
     const counts = {};
     for (const v of all) counts[v.status] = (counts[v.status] || 0) + 1;
-    summary.textContent = `${all.length} services` +
+    summary.textContent = `${all.length} service${all.length === 1 ? '' : 's'}` +
       Object.entries(counts).map(([k, n]) => ` · ${n} ${k}`).join('') +
       (filter ? ` · ${visible.length} match` : '');
     empty.hidden = !loaded || visible.length > 0;
@@ -82,7 +82,7 @@ export function render(main) {
     const id = view.serviceId;
     if (rows.has(id)) return rows.get(id);
     const status = h('td');
-    const model = h('td');
+    const model = h('td', { class: 'nowrap' });
     const engine = h('td', { class: 'hide-narrow' });
     const ready = h('td', { class: 'mono' });
     const endpoint = h('td');
@@ -93,7 +93,7 @@ export function render(main) {
     const tr = h('tr', { dataset: { id } },
       status, h('td', {}, h('a', { href: `#/service/${encodeURIComponent(id)}`, class: 'mono' }, id)),
       model, engine, ready, endpoint, reason,
-      h('td', {}, h('span', { class: 'toolbar' }, replicas, scale)),
+      h('td', {}, h('span', { class: 'inline' }, replicas, scale)),
       h('td', {}, remove));
     let last = '';
     let lastDesired = null;
