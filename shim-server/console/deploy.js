@@ -96,7 +96,10 @@ export function render(main) {
       deployButton.textContent = fits ? 'Deploy' : 'Deploy anyway';
       deployButton.focus();
     } catch (err) {
-      replace(result);
+      // A dry run that does not fit is refused (422) with its estimate: show the numbers, and
+      // keep Deploy off, since the deploy would be refused the same way.
+      if (err.data?.estimate) showDryRun(err.data);
+      else replace(result);
       formError.textContent = `Dry run failed: ${errorText(err)}`;
     } finally {
       previewButton.disabled = false;

@@ -69,7 +69,8 @@ export function bytes(n) {
   const units = ['B', 'KiB', 'MiB', 'GiB', 'TiB'];
   let i = 0;
   while (n >= 1024 && i < units.length - 1) { n /= 1024; i++; }
-  return `${n.toFixed(n < 10 && i > 0 ? 1 : 0)} ${units[i]}`;
+  // One decimal from GiB up (17.5 GiB matters next to a 24 GiB card), and for small values.
+  return `${n.toFixed(i > 0 && (n < 10 || i >= 3) ? 1 : 0)} ${units[i]}`;
 }
 
 export function count(n) {
