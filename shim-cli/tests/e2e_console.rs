@@ -515,10 +515,26 @@ fn an_operator_deploys_watches_reads_logs_chats_and_deletes_in_a_real_browser() 
         assert!(plugins.as_str().unwrap().contains("process"), "{plugins}");
         b.shot("plugins").await;
 
-        // Delete from the table, with the confirmation dialog; the row goes away by itself.
+        // Scale to two replicas from the table: the desired count follows at once.
         b.click("a[data-page=services]").await;
         b.until(&format!("document.querySelector(\"{row}\")"), "the row again", 20)
             .await;
+        let replicas = b
+            .client
+            .find(Locator::Css(&format!("{row} input[type=number]")))
+            .await
+            .unwrap();
+        replicas.clear().await.unwrap();
+        replicas.send_keys("2").await.unwrap();
+        b.click(&format!("{row} .inline button")).await;
+        b.until(
+            &format!("document.querySelector(\"{row} td.mono\").textContent.endsWith('/2')"),
+            "two replicas desired",
+            20,
+        )
+        .await;
+
+        // Delete from the table, with the confirmation dialog; the row goes away by itself.
         b.click(&format!("{row} button.danger")).await;
         b.until(
             "document.getElementById('confirm-dialog').open",
@@ -550,6 +566,8 @@ fn an_operator_deploys_watches_reads_logs_chats_and_deletes_in_a_real_browser() 
     // The server agrees: the service is gone.
     let (status, _) = wait_status(&shim, &service_id, 30, |d| d["status"] == "notExist");
     assert_eq!(status["status"], "notExist");
+    // Deploy, the update to two replicas, delete: three accepted generations.
+    assert_eq!(status["generation"], 3, "{status}");
 
     // No errors in the browser's console. A route another issue has not delivered yet is
     // probed once and answered 404; Chromium logs that fetch as a failed load, which is the only
