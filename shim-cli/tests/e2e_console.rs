@@ -400,7 +400,8 @@ fn an_operator_deploys_watches_reads_logs_chats_and_deletes_in_a_real_browser() 
         b.shot("detail").await;
 
         // The playground: a streamed answer through the gateway, token by token.
-        b.click("a[data-page=playground]").await;
+        // From the running service straight to the playground, its model chosen.
+        b.click("#main a[href^='#/playground']").await;
         if gateway {
             b.until(
                 "document.querySelector('#chat-model option[value=demo]') !== null",
@@ -408,6 +409,12 @@ fn an_operator_deploys_watches_reads_logs_chats_and_deletes_in_a_real_browser() 
                 30,
             )
             .await;
+            let chosen = b
+                .client
+                .execute("return document.getElementById('chat-model').value", vec![])
+                .await
+                .unwrap();
+            assert_eq!(chosen, json!("demo"));
             // Records every text the answer shows while it streams.
             b.client
                 .execute(

@@ -20,7 +20,9 @@ const main = document.getElementById('main');
 let cleanup = null;
 
 function route() {
-  const [, name = 'services', ...rest] = location.hash.replace(/^#/, '').split('/');
+  // `#/page/param…?query`: the query is the page's own (e.g. the playground's model).
+  const [path] = location.hash.replace(/^#/, '').split('?');
+  const [, name = 'services', ...rest] = path.split('/');
   const page = pages[name] || pages.services;
   if (cleanup) { cleanup(); cleanup = null; }
   for (const link of document.querySelectorAll('#nav a')) {

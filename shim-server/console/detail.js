@@ -42,6 +42,7 @@ export function render(main, [id]) {
   const followBox = h('input', { id: 'log-follow', type: 'checkbox', checked: true });
   const logButton = h('button', { type: 'button', id: 'show-logs', onclick: () => loadLogs(true) }, 'Show logs');
   const deleteButton = h('button', { type: 'button', class: 'danger', onclick: remove_ }, 'Delete');
+  const tryLink = h('a', { class: 'button', hidden: true }, 'Try in the playground');
 
   replace(main,
     h('p', {}, h('a', { href: '#/services' }, '← Services')),
@@ -50,7 +51,7 @@ export function render(main, [id]) {
       h('section', { class: 'panel', 'aria-labelledby': 'h-status' },
         h('h2', { id: 'h-status' }, 'Status'), facts,
         h('h2', { id: 'h-replicas' }, 'Replicas'), replicaList,
-        h('div', { class: 'actions' }, deleteButton)),
+        h('div', { class: 'actions' }, tryLink, deleteButton)),
       h('section', { class: 'panel', 'aria-labelledby': 'h-pipeline' },
         h('h2', { id: 'h-pipeline' }, 'Pipeline ', pipelineName), progress, stepsList)),
     h('section', { class: 'panel', 'aria-labelledby': 'h-events' },
@@ -81,6 +82,8 @@ export function render(main, [id]) {
         fact('Updated', `${s.updateTime} UTC`),
         (s.reason || s.message) ? fact('Reason', h('span', { class: 'reason' }, [s.reason, s.message].filter(Boolean).join(': '))) : null);
       deleteButton.disabled = s.status === 'terminating' || s.status === 'notExist';
+      tryLink.hidden = s.status !== 'running';
+      tryLink.href = `#/playground?model=${encodeURIComponent(s.modelName || '')}`;
       const replicas = Array.isArray(s.replicas) ? s.replicas : null;
       replace(replicaList, replicas
         ? (replicas.length

@@ -17,7 +17,8 @@ export function render(main) {
   const stopButton = h('button', { type: 'button', id: 'chat-stop', disabled: true, onclick: () => controller?.abort() }, 'Stop');
   const clear = h('button', { type: 'button', class: 'ghost', onclick: () => { history.length = 0; transcript.replaceChildren(); } }, 'Clear');
 
-  key.addEventListener('change', () => tokens.setGateway(key.value.trim()));
+  // A new key may open a list that a 401 kept closed.
+  key.addEventListener('change', () => { tokens.setGateway(key.value.trim()); loadModels(); });
   prompt.addEventListener('keydown', (e) => { if (e.key === 'Enter' && (e.ctrlKey || e.metaKey)) { e.preventDefault(); form.requestSubmit(); } });
 
   const form = h('form', { onsubmit: (e) => { e.preventDefault(); ask(); } },
@@ -71,7 +72,7 @@ export function render(main) {
     }
   }
 
-  (async () => {
+  async function loadModels() {
     let names = [];
     try {
       const listed = await gatewayModels();
@@ -87,8 +88,12 @@ export function render(main) {
       notice.textContent = `Listing models failed: ${errorText(err)}${err.status === 401 ? ' — enter the gateway API key.' : ''}`;
     }
     const wanted = new URLSearchParams(location.hash.split('?')[1] || '').get('model');
-    replace(model, names.length ? names.map((n) => h('option', { value: n, selected: n === wanted }, n)) : h('option', { value: '' }, 'No model is being served'));
-  })();
+    const keep = model.value;
+    replace(model, names.length
+      ? names.map((n) => h('option', { value: n, selected: n === (keep || wanted) }, n))
+      : h('option', { value: '' }, 'No model is being served'));
+  }
+  loadModels();
 
   return () => controller?.abort();
 }
