@@ -39,6 +39,7 @@ impl Shimlet for LedgerShimlet {
                 ready_replicas: w.replicas,
                 desired_replicas: w.replicas,
                 address: Some(format!("http://ledger.invalid:{}", w.port)),
+                replica_addresses: vec![format!("http://ledger.invalid:{}", w.port)],
                 generation: Some(w.generation),
                 failure: None,
             },

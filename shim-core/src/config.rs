@@ -53,7 +53,9 @@ impl Default for EngineConfig {
             workers: 64,
             resync_interval: Duration::from_secs(30),
             backoff_base: Duration::from_millis(500),
-            backoff_cap: Duration::from_secs(60),
+            // At most 10 s, so a service converges within 10 s of its runtime coming back
+            // after an outage (see `FailureReason::RuntimeUnavailable`).
+            backoff_cap: Duration::from_secs(10),
             max_restarts: 5,
             event_history: 200,
             gpus: None,

@@ -63,6 +63,7 @@ impl Shimlet for Recorder {
                 ready_replicas: w.replicas,
                 desired_replicas: w.replicas,
                 address: Some(format!("http://dry-run.invalid/{service_id}")),
+                replica_addresses: vec![format!("http://dry-run.invalid/{service_id}")],
                 generation: Some(w.generation),
                 failure: None,
             },

@@ -424,6 +424,22 @@ impl Engine {
         Ok(self.inner.shimlet.logs(id, tail).await?)
     }
 
+    /// Runs `f` over every live service under one read lock, without cloning records: for
+    /// readers on a hot path (the gateway's routing) that need a few fields of many services.
+    /// `f` must be quick; writers wait while it runs.
+    pub fn for_each_service(&self, mut f: impl FnMut(&ServiceRecord)) {
+        let services = self.inner.services.read().expect("services lock");
+        for record in services.values() {
+            f(record);
+        }
+    }
+
+    /// Asks the reconciler to look at a service now rather than at the next resync, e.g. when
+    /// a client of its replicas saw one refuse connections.
+    pub fn nudge(&self, id: &str) {
+        self.inner.queue.add(id);
+    }
+
     /// Subscribes to every event from now on.
     pub fn subscribe(&self) -> EventStream {
         self.inner.bus.subscribe()
@@ -518,6 +534,7 @@ impl Engine {
         record.message = None;
         record.endpoint.clear();
         record.ready_replicas = 0;
+        record.replicas.clear();
         record.restarts = 0;
         record.blocked_step = None;
         record.steps.clear();
@@ -745,10 +762,13 @@ impl Engine {
             Err(err) => return Outcome::Retry(err.to_string()),
         };
         if observed.state == WorkloadState::Ready {
-            if observed.ready_replicas != record.ready_replicas {
+            if observed.ready_replicas != record.ready_replicas
+                || observed.replica_addresses != record.replicas
+            {
                 let ack =
                     self.transition(&record.id, record.generation, Trigger::Ready, None, |r| {
                         r.ready_replicas = observed.ready_replicas;
+                        r.replicas = observed.replica_addresses.clone();
                         r.reason = None;
                     });
                 if let Ok(Some(ack)) = ack {
@@ -793,6 +813,7 @@ impl Engine {
                     |r| {
                         r.endpoint.clear();
                         r.ready_replicas = observed.ready_replicas;
+                        r.replicas.clear();
                     },
                 ))
                 .await;
@@ -805,6 +826,8 @@ impl Engine {
             |r| {
                 r.restarts += 1;
                 r.ready_replicas = observed.ready_replicas;
+                // The replicas still ready keep serving while the rest is repaired.
+                r.replicas = observed.replica_addresses.clone();
             },
         );
         match repaired {
@@ -833,11 +856,12 @@ impl Engine {
         } else {
             Trigger::Start
         };
+        let waiting_for_runtime = record.reason == Some(FailureReason::RuntimeUnavailable.as_str());
         let started = self.transition(&record.id, generation, trigger, None, |r| {
             r.steps = steps;
-            // Keep the reason visible while a blocked service retries and while a running
-            // service that lost a replica recovers.
-            if retrying_blocked || r.phase == Phase::Recovering {
+            // Keep the reason visible while a blocked service retries, while a running
+            // service that lost a replica recovers, and while the runtime is unreachable.
+            if retrying_blocked || waiting_for_runtime || r.phase == Phase::Recovering {
                 r.reason = record.reason.clone();
                 r.message = record.message.clone();
             }
@@ -876,8 +900,13 @@ impl Engine {
                     self.transition(&record.id, generation, Trigger::Ready, None, |r| {
                         r.endpoint = endpoint;
                         r.applied_generation = generation;
-                        r.ready_replicas =
-                            observed.map_or(r.desired_replicas, |o| o.ready_replicas);
+                        match observed {
+                            Some(o) => {
+                                r.ready_replicas = o.ready_replicas;
+                                r.replicas = o.replica_addresses;
+                            }
+                            None => r.ready_replicas = r.desired_replicas,
+                        }
                     }),
                 )
                 .await
@@ -898,6 +927,24 @@ impl Engine {
                     other => other,
                 }
             }
+            Err(failure) if failure.error.kind == StepErrorKind::Unavailable => {
+                // Never a reason to fail: the phase stays, the reason says why nothing moves,
+                // and the run is tried again (capped backoff) until the runtime answers.
+                let message = format!("{}: {}", failure.step, failure.error.message);
+                let outcome = self
+                    .settle(self.transition(
+                        &record.id,
+                        generation,
+                        Trigger::Unavailable,
+                        Some((FailureReason::RuntimeUnavailable, message.clone())),
+                        |_| {},
+                    ))
+                    .await;
+                match outcome {
+                    Outcome::Done => Outcome::Retry(message),
+                    other => other,
+                }
+            }
             Err(failure) => {
                 let message = format!("step {} failed: {}", failure.step, failure.error.message);
                 self.settle(self.transition(
@@ -907,6 +954,7 @@ impl Engine {
                     Some((failure.error.reason, message)),
                     |r| {
                         r.endpoint.clear();
+                        r.replicas.clear();
                     },
                 ))
                 .await
@@ -1144,6 +1192,18 @@ impl RunObserver {
     }
 }
 
+/// A step got through after the runtime was unreachable: it answers again, so the outage is
+/// no longer the reason the service is not ready yet.
+fn runtime_back(engine: &Engine, record: &mut ServiceRecord) {
+    if record.reason == Some(FailureReason::RuntimeUnavailable.as_str())
+        && matches!(record.phase, Phase::Initializing | Phase::Recovering)
+        && let Ok(Some(transition)) = apply_trigger(record, Trigger::Start, None, |_| {})
+    {
+        drop(engine.inner.store.save(record));
+        engine.emit(record, transition);
+    }
+}
+
 /// A pending service whose blocking step got through is initializing again.
 fn unblock(engine: &Engine, record: &mut ServiceRecord, step: &str) {
     if record.phase == Phase::Pending
@@ -1160,6 +1220,7 @@ impl PipelineObserver for RunObserver {
         self.with_record(|engine, record| {
             if let EventKind::StepSucceeded { step, .. } = &event {
                 unblock(engine, record, step);
+                runtime_back(engine, record);
             }
             // Teardown steps are events only; the record shows the deploy steps of this
             // generation.

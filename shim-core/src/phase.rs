@@ -80,6 +80,10 @@ pub enum Trigger {
     Delete,
     /// The runtime confirmed the workload is gone.
     TornDown,
+    /// The runtime cannot be reached or is overloaded (API server down, Docker daemon
+    /// restarting). Never a reason to give up: the phase stays, with reason
+    /// `RuntimeUnavailable`, and the engine retries until the runtime answers again.
+    Unavailable,
 }
 
 /// A transition that the table forbids.
@@ -123,6 +127,7 @@ pub const fn next(from: Phase, trigger: Trigger) -> Result<Phase, TransitionErro
         (Pending | Initializing | Recovering | Running, Fail) => Failed,
         (Pending | Initializing | Running | Recovering | Failed, Delete) => Terminating,
         (Terminating, TornDown) => Deleted,
+        (Pending | Initializing | Recovering | Running | Terminating, Unavailable) => from,
         _ => return Err(TransitionError { from, trigger }),
     };
     Ok(to)
@@ -132,7 +137,7 @@ pub const fn next(from: Phase, trigger: Trigger) -> Result<Phase, TransitionErro
 mod tests {
     use super::*;
 
-    const TRIGGERS: [Trigger; 8] = [
+    const TRIGGERS: [Trigger; 9] = [
         Trigger::Update,
         Trigger::Start,
         Trigger::Block,
@@ -141,6 +146,7 @@ mod tests {
         Trigger::Fail,
         Trigger::Delete,
         Trigger::TornDown,
+        Trigger::Unavailable,
     ];
 
     /// The whole table, written out: (from, trigger) → to; every other pair is illegal.
@@ -178,6 +184,11 @@ mod tests {
             (Recovering, Delete, Terminating),
             (Failed, Delete, Terminating),
             (Terminating, TornDown, Deleted),
+            (Pending, Unavailable, Pending),
+            (Initializing, Unavailable, Initializing),
+            (Recovering, Unavailable, Recovering),
+            (Running, Unavailable, Running),
+            (Terminating, Unavailable, Terminating),
         ];
         let mut count = 0;
         for from in Phase::ALL {

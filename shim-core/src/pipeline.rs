@@ -61,6 +61,10 @@ pub enum StepErrorKind {
     Permanent,
     /// Cannot go on yet (e.g. no free GPU): the service waits as `pending` and is retried later.
     Blocked,
+    /// The runtime cannot be reached: the run stops at once, the service keeps its phase with
+    /// reason `RuntimeUnavailable`, and the engine runs the pipeline again (capped backoff)
+    /// for as long as the outage lasts. Goal-style steps make the re-runs cheap.
+    Unavailable,
 }
 
 /// A step's failure.
@@ -94,6 +98,15 @@ impl StepError {
         }
     }
 
+    /// The runtime cannot be reached; the engine retries the run until it answers.
+    pub fn unavailable(message: impl Into<String>) -> Self {
+        Self {
+            kind: StepErrorKind::Unavailable,
+            reason: FailureReason::RuntimeUnavailable,
+            message: message.into(),
+        }
+    }
+
     /// The step cannot go on for now; the service waits.
     pub fn blocked(reason: FailureReason, message: impl Into<String>) -> Self {
         Self {
@@ -108,6 +121,8 @@ impl From<ShimletError> for StepError {
     fn from(err: ShimletError) -> Self {
         let kind = if err.reason == FailureReason::Unschedulable {
             StepErrorKind::Blocked
+        } else if err.reason == FailureReason::RuntimeUnavailable {
+            StepErrorKind::Unavailable
         } else if err.retryable {
             StepErrorKind::Transient
         } else {

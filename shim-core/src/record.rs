@@ -42,6 +42,10 @@ pub struct ServiceRecord {
     pub ready_replicas: u32,
     /// Replicas wanted.
     pub desired_replicas: u32,
+    /// Base URL of every ready replica, as last observed: what the OpenAI gateway balances over.
+    /// Observed state, not desired: empty until the first replica is ready.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub replicas: Vec<String>,
     /// Generation whose pipeline last completed.
     pub applied_generation: u64,
     /// Repairs made for the current generation.
@@ -72,6 +76,7 @@ impl ServiceRecord {
             endpoint: String::new(),
             ready_replicas: 0,
             desired_replicas,
+            replicas: Vec::new(),
             applied_generation: 0,
             restarts: 0,
             blocked_step: None,

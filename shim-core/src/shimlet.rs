@@ -73,6 +73,10 @@ pub struct WorkloadObservation {
     pub desired_replicas: u32,
     /// Base URL (scheme, host, port) where the engine answers, once known.
     pub address: Option<String>,
+    /// Base URL of every ready replica, for the gateway to balance over. Runtimes that put one
+    /// address in front of all replicas (a Kubernetes Service) report that one address.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub replica_addresses: Vec<String>,
     /// Generation of the spec the workload was applied from, when the runtime records it.
     pub generation: Option<u64>,
     /// Why it is pending or failed.
@@ -87,6 +91,7 @@ impl WorkloadObservation {
             ready_replicas: 0,
             desired_replicas: 0,
             address: None,
+            replica_addresses: Vec::new(),
             generation: None,
             failure: None,
         }
@@ -157,6 +162,12 @@ impl ShimletError {
             retryable: true,
             source: None,
         }
+    }
+
+    /// The runtime cannot be reached or is overloaded right now. The engine never fails a
+    /// service for this: it keeps the service's phase and retries with capped backoff.
+    pub fn unavailable(message: impl Into<String>) -> Self {
+        Self::transient(FailureReason::RuntimeUnavailable, message)
     }
 
     /// The shimlet does not offer an optional capability.

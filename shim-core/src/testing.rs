@@ -20,6 +20,7 @@ pub struct InstantShimlet {
     workloads: Mutex<HashMap<String, WorkloadObservation>>,
     notifier: Mutex<Option<Notifier>>,
     applies: Mutex<HashMap<String, u32>>,
+    unavailable: std::sync::atomic::AtomicBool,
 }
 
 impl std::fmt::Debug for InstantShimlet {
@@ -55,6 +56,23 @@ impl InstantShimlet {
         self.notify(service_id);
     }
 
+    /// Simulates an outage of the runtime (API server down, daemon restarting): while `down`,
+    /// every call fails with [`ShimletError::unavailable`] and changes nothing.
+    pub fn set_unavailable(&self, down: bool) {
+        self.unavailable
+            .store(down, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    fn reachable(&self) -> Result<(), ShimletError> {
+        if self.unavailable.load(std::sync::atomic::Ordering::SeqCst) {
+            Err(ShimletError::unavailable(
+                "connection refused (simulated runtime outage)",
+            ))
+        } else {
+            Ok(())
+        }
+    }
+
     /// How often `apply` ran for a service.
     pub fn applies(&self, service_id: &str) -> u32 {
         self.applies
@@ -75,6 +93,7 @@ impl InstantShimlet {
 #[async_trait]
 impl Shimlet for InstantShimlet {
     async fn apply(&self, workload: &WorkloadSpec) -> Result<(), ShimletError> {
+        self.reachable()?;
         *self
             .applies
             .lock()
@@ -86,6 +105,9 @@ impl Shimlet for InstantShimlet {
             ready_replicas: workload.replicas,
             desired_replicas: workload.replicas,
             address: Some(format!("http://instant.invalid/{}", workload.service_id)),
+            replica_addresses: (0..workload.replicas)
+                .map(|i| format!("http://instant.invalid/{}/{i}", workload.service_id))
+                .collect(),
             generation: Some(workload.generation),
             failure: None,
         };
@@ -97,6 +119,7 @@ impl Shimlet for InstantShimlet {
     }
 
     async fn observe(&self, service_id: &str) -> Result<WorkloadObservation, ShimletError> {
+        self.reachable()?;
         Ok(self
             .workloads
             .lock()
@@ -107,6 +130,7 @@ impl Shimlet for InstantShimlet {
     }
 
     async fn delete(&self, service_id: &str) -> Result<Removal, ShimletError> {
+        self.reachable()?;
         self.workloads.lock().expect("lock").remove(service_id);
         Ok(Removal::Gone)
     }
@@ -117,6 +141,7 @@ impl Shimlet for InstantShimlet {
     }
 
     async fn list(&self) -> Result<Vec<ManagedWorkload>, ShimletError> {
+        self.reachable()?;
         Ok(self
             .workloads
             .lock()

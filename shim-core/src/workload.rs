@@ -161,6 +161,10 @@ pub enum FailureReason {
     WorkloadMissing,
     /// The runtime reported an error that fits no other reason.
     RuntimeError,
+    /// The runtime cannot be reached or is overloaded (connection refused, timeouts, 429 and
+    /// 5xx from an API server, a daemon restarting, EAGAIN when forking). Never makes a
+    /// service `failed`: it keeps its phase and the engine retries until the runtime is back.
+    RuntimeUnavailable,
     /// A bug or an unexpected condition inside the shim.
     Internal,
 }

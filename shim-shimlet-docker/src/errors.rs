@@ -19,7 +19,9 @@ pub(crate) fn is_not_found(err: &DockerError) -> bool {
 }
 
 /// A Docker error during `what`, typed: 4xx answers are permanent (retrying the same request
-/// will not help), transport errors and 5xx may pass. Known messages get their own reasons.
+/// will not help), other 5xx may pass, and a daemon that cannot be reached or says it is
+/// unavailable (transport errors, timeouts, 503, 429) is `RuntimeUnavailable`, which never fails
+/// a service. Known messages get their own reasons.
 pub(crate) fn classify(what: &str, err: DockerError) -> ShimletError {
     let text = err.to_string();
     let message = format!("{what}: {text}");
@@ -42,10 +44,13 @@ pub(crate) fn classify(what: &str, err: DockerError) -> ShimletError {
         ShimletError::permanent(FailureReason::BinaryNotFound, message)
     } else {
         match status_of(&err) {
+            Some(429 | 503) | None => ShimletError::unavailable(format!(
+                "{what}: the Docker Engine is unavailable: {text}"
+            )),
             Some(code) if (400..500).contains(&code) && code != 409 => {
                 ShimletError::permanent(FailureReason::RuntimeError, message)
             }
-            _ => ShimletError::transient(FailureReason::RuntimeError, message),
+            Some(_) => ShimletError::transient(FailureReason::RuntimeError, message),
         }
     };
     error.with_source(err)
@@ -103,7 +108,14 @@ mod tests {
     fn client_errors_are_permanent_and_server_errors_transient() {
         assert!(!classify("x", server(400, "bad")).retryable);
         assert!(classify("x", server(409, "conflict")).retryable);
-        assert!(classify("x", server(500, "oops")).retryable);
-        assert!(classify("x", DockerError::RequestTimeoutError).retryable);
+        let e = classify("x", server(500, "oops"));
+        assert_eq!((e.reason, e.retryable), (FailureReason::RuntimeError, true));
+        for unreachable in [DockerError::RequestTimeoutError, server(503, "restarting")] {
+            let e = classify("x", unreachable);
+            assert_eq!(
+                (e.reason, e.retryable),
+                (FailureReason::RuntimeUnavailable, true)
+            );
+        }
     }
 }

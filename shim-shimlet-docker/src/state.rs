@@ -336,11 +336,20 @@ impl ServiceView {
             .min_by_key(|r| (r.health != Health::Ready, r.facts.replica))
             .and_then(|r| r.facts.host_port)
             .map(|port| http_url(advertised_host, port));
+        let replica_addresses = self
+            .replicas
+            .values()
+            .filter(current)
+            .filter(|r| r.facts.status == Status::Running && r.health == Health::Ready)
+            .filter_map(|r| r.facts.host_port)
+            .map(|port| http_url(advertised_host, port))
+            .collect();
         let mut observation = WorkloadObservation {
             state: WorkloadState::Starting,
             ready_replicas: ready,
             desired_replicas: desired,
             address,
+            replica_addresses,
             generation: self.generation,
             failure: None,
         };

@@ -18,9 +18,13 @@ pub(crate) fn is_not_found(err: &kube::Error) -> bool {
     status_of(err) == Some(404)
 }
 
-/// An API error during `what`, typed. A refused request (400, 401, 403, 422) will be refused
-/// again, so it is permanent; conflicts, throttling, server errors and transport failures may
-/// pass, so they are transient.
+/// An API error during `what`, typed. An invalid object (400, 422) will be refused again, so it
+/// is permanent; a conflict may pass, so it is transient. An API server that cannot be reached
+/// or is overloaded (transport failures, 429, 5xx) is `RuntimeUnavailable`, which never fails a
+/// service: the engine waits it out. So are 401 and 403: neither the spec nor the model causes
+/// them, an operator's RBAC fix (or the API server finishing its start: a restarted one answers
+/// 403 until its authorizer has loaded the RBAC objects) ends them, and the service then
+/// converges on its own.
 pub(crate) fn classify(what: &str, err: kube::Error) -> ShimletError {
     let error = match &err {
         kube::Error::Api(status) => {
@@ -31,25 +35,23 @@ pub(crate) fn classify(what: &str, err: kube::Error) -> ShimletError {
             };
             let message = format!("{what}: {said} ({})", status.code);
             match status.code {
-                403 => ShimletError::permanent(
-                    FailureReason::RuntimeError,
-                    format!(
-                        "{message}; the shim's Kubernetes identity lacks a permission (see deploy/rbac.yaml)"
-                    ),
-                ),
-                401 => ShimletError::permanent(
-                    FailureReason::RuntimeError,
-                    format!("{message}; the API server rejected the credentials"),
-                ),
+                403 => ShimletError::unavailable(format!(
+                    "{message}; the shim's Kubernetes identity lacks a permission (see deploy/rbac.yaml)"
+                )),
+                401 => ShimletError::unavailable(format!(
+                    "{message}; the API server rejected the credentials"
+                )),
                 400 | 422 => ShimletError::permanent(FailureReason::InvalidSpec, message),
                 404 => ShimletError::permanent(FailureReason::WorkloadMissing, message),
+                429 | 500.. => ShimletError::unavailable(format!(
+                    "{message}; the Kubernetes API server is overloaded or unavailable"
+                )),
                 _ => ShimletError::transient(FailureReason::RuntimeError, message),
             }
         }
-        other => ShimletError::transient(
-            FailureReason::RuntimeError,
-            format!("{what}: cannot reach the Kubernetes API server: {other}"),
-        ),
+        other => ShimletError::unavailable(format!(
+            "{what}: cannot reach the Kubernetes API server: {other}"
+        )),
     };
     error.with_source(err)
 }
@@ -64,10 +66,9 @@ pub(crate) async fn timed<T>(
     match tokio::time::timeout(timeout, call).await {
         Ok(Ok(value)) => Ok(value),
         Ok(Err(err)) => Err(classify(what, err)),
-        Err(_) => Err(ShimletError::transient(
-            FailureReason::RuntimeError,
-            format!("{what}: the Kubernetes API server did not answer within {timeout:?}"),
-        )),
+        Err(_) => Err(ShimletError::unavailable(format!(
+            "{what}: the Kubernetes API server did not answer within {timeout:?}"
+        ))),
     }
 }
 
@@ -90,12 +91,12 @@ mod tests {
     }
 
     #[test]
-    fn refusals_are_permanent_and_blips_transient() {
+    fn invalid_objects_are_permanent_and_everything_else_is_waited_out() {
         let e = classify(
             "applying Deployment x",
             api(403, "deployments.apps \"x\" is forbidden"),
         );
-        assert!(!e.retryable);
+        assert_eq!(e.reason, FailureReason::RuntimeUnavailable);
         assert!(e.message.contains("deploy/rbac.yaml"), "{}", e.message);
         let e = classify(
             "applying Deployment x",
@@ -107,8 +108,15 @@ mod tests {
             "{}",
             e.message
         );
-        for code in [409, 429, 500, 503] {
-            assert!(classify("x", api(code, "try again")).retryable, "{code}");
+        let e = classify("x", api(409, "conflict"));
+        assert_eq!((e.reason, e.retryable), (FailureReason::RuntimeError, true));
+        for code in [429, 500, 503] {
+            let e = classify("x", api(code, "try again"));
+            assert_eq!(
+                (e.reason, e.retryable),
+                (FailureReason::RuntimeUnavailable, true),
+                "{code}"
+            );
         }
         assert!(is_not_found(&api(404, "not found")));
         assert!(!is_not_found(&api(409, "conflict")));
@@ -120,7 +128,7 @@ mod tests {
         let err = timed(Duration::from_secs(3), "listing", never)
             .await
             .unwrap_err();
-        assert!(err.retryable);
+        assert_eq!(err.reason, FailureReason::RuntimeUnavailable);
         assert!(
             err.message.contains("did not answer within 3s"),
             "{}",

@@ -266,13 +266,10 @@ impl Inner {
             Ok(Ok(_)) => Ok(false),
             Ok(Err(err)) if is_not_found(&err) => Ok(true),
             Ok(Err(err)) => Err(classify(&what, err)),
-            Err(_) => Err(ShimletError::transient(
-                FailureReason::RuntimeError,
-                format!(
-                    "{what}: the Kubernetes API server did not answer within {:?}",
-                    self.timeout
-                ),
-            )),
+            Err(_) => Err(ShimletError::unavailable(format!(
+                "{what}: the Kubernetes API server did not answer within {:?}",
+                self.timeout
+            ))),
         }
     }
 }
@@ -283,6 +280,15 @@ impl Shimlet for K8sShimlet {
         let inner = &self.inner;
         let manifests = inner.renderer.render(workload)?;
         let id = &workload.service_id;
+        // A service that waits (unschedulable, loading) runs its pipeline again and again; when
+        // the cluster already holds exactly what this generation applied, sending it again
+        // would only cost API server requests.
+        if inner
+            .view
+            .holds_applied(id, &manifests.name, workload.generation, workload.replicas)
+        {
+            return inner.delete_leftovers(id, &manifests.name).await;
+        }
         let previous = inner
             .view
             .begin_apply(id, workload.generation, workload.replicas);

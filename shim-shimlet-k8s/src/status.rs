@@ -246,6 +246,7 @@ pub fn observe(
                 ready_replicas: 0,
                 desired_replicas: m.replicas,
                 address: None,
+                replica_addresses: Vec::new(),
                 generation: Some(m.spec_generation),
                 failure: None,
             },
@@ -270,6 +271,7 @@ pub fn observe(
         ready_replicas: count(ready),
         desired_replicas: desired,
         address: None,
+        replica_addresses: Vec::new(),
         generation: spec_generation(deployment),
         failure: None,
     };
@@ -308,6 +310,8 @@ pub fn observe(
         let pods: Vec<&Pod> = objects.pods_of(name).collect();
         if let Ok(address) = endpoints.address(service, &pods, service_id) {
             seen.state = WorkloadState::Ready;
+            // The Service balances over the pods; the gateway sees it as one replica.
+            seen.replica_addresses = vec![address.clone()];
             seen.address = Some(address);
         }
         return seen;

@@ -184,6 +184,34 @@ impl View {
         self.read().services.len()
     }
 
+    /// Whether the cluster holds what the last apply of `spec_generation` sent, untouched: the
+    /// Deployment `name` at the generation that apply produced (so nobody changed or deleted
+    /// it since) with as many replicas, and its Service.
+    pub(crate) fn holds_applied(
+        &self,
+        service_id: &str,
+        name: &str,
+        spec_generation: u64,
+        replicas: u32,
+    ) -> bool {
+        let state = self.read();
+        let Some(entry) = state.services.get(service_id) else {
+            return false;
+        };
+        let Some(mark) = entry.mark else {
+            return false;
+        };
+        let deployment_untouched = entry.objects.deployments.get(name).is_some_and(|d| {
+            d.metadata.deletion_timestamp.is_none()
+                && d.metadata.generation == Some(mark.object_generation)
+        });
+        !mark.in_flight
+            && mark.spec_generation == spec_generation
+            && mark.replicas == replicas
+            && deployment_untouched
+            && entry.objects.service(name).is_some()
+    }
+
     /// Notes that an apply starts; returns the mark to restore if it fails.
     pub(crate) fn begin_apply(
         &self,
@@ -398,22 +426,84 @@ pub(crate) fn spawn_watches(
 
 async fn watch<K: Tracked>(api: Api<K>, view: Weak<View>) {
     let config = watcher::Config::default().labels(MANAGED_SELECTOR);
-    // Backs off between failed attempts (API server away, RBAC missing) instead of spinning.
-    let mut events = std::pin::pin!(watch_stream(api, config).default_backoff());
-    while let Some(item) = events.next().await {
-        let Some(view) = view.upgrade() else {
-            return;
-        };
-        match item {
-            Ok(event) => {
-                let changed = view.apply_event(event);
-                view.notify(&changed);
-            }
-            Err(err) => {
-                tracing::warn!(kind = K::KIND.plural(), error = %err, "Kubernetes watch failed; retrying");
-                view.record_error(K::KIND, err.to_string());
+    loop {
+        // Backs off between failed attempts (API server away, RBAC missing) instead of
+        // spinning, but never for long: a service converges only once its watch is back.
+        let mut events = std::pin::pin!(
+            watch_stream(api.clone(), config.clone()).backoff(WatchBackoff::default())
+        );
+        let mut relist = false;
+        while let Some(item) = events.next().await {
+            let Some(view) = view.upgrade() else {
+                return;
+            };
+            match item {
+                Ok(event) => {
+                    let changed = view.apply_event(event);
+                    view.notify(&changed);
+                }
+                Err(err) => {
+                    let message = err.to_string();
+                    tracing::warn!(kind = K::KIND.plural(), error = %message, "Kubernetes watch failed; retrying");
+                    view.record_error(K::KIND, message.clone());
+                    relist = resource_version_ahead(&message);
+                    if relist {
+                        break;
+                    }
+                }
             }
         }
+        if !relist {
+            return;
+        }
+        // A restarted API server's watch cache can lag behind the resource version this watch
+        // last saw, and refuses to resume from it ("Too large resource version") until it
+        // catches up, which may take a minute. Listing anew is at once and loses nothing.
+        tracing::info!(
+            kind = K::KIND.plural(),
+            "the API server is behind this watch's resource version; listing anew"
+        );
+    }
+}
+
+/// Whether a watch error says the API server has not reached the resource version the watch
+/// asked to resume from.
+fn resource_version_ahead(message: &str) -> bool {
+    message.contains("Too large resource version")
+}
+
+/// Retry delays of a failed watch: 250 ms doubling to at most 4 s, started afresh once events
+/// flow again. (kube's default waits up to 30 s, which would hold up convergence after an API
+/// server outage by as much.)
+#[derive(Debug, Clone, Copy)]
+struct WatchBackoff {
+    next: Duration,
+}
+
+impl WatchBackoff {
+    const FIRST: Duration = Duration::from_millis(250);
+    const CAP: Duration = Duration::from_secs(4);
+}
+
+impl Default for WatchBackoff {
+    fn default() -> Self {
+        Self { next: Self::FIRST }
+    }
+}
+
+impl Iterator for WatchBackoff {
+    type Item = Duration;
+
+    fn next(&mut self) -> Option<Duration> {
+        let delay = self.next;
+        self.next = (self.next * 2).min(Self::CAP);
+        Some(delay)
+    }
+}
+
+impl kube::runtime::utils::Backoff for WatchBackoff {
+    fn reset(&mut self) {
+        self.next = Self::FIRST;
     }
 }
 
@@ -568,5 +658,26 @@ mod tests {
         v.apply_event(Event::<Service>::InitDone);
         v.apply_event(Event::<Pod>::InitDone);
         v.wait_synced(Duration::from_millis(10)).await.unwrap();
+    }
+
+    #[test]
+    fn watch_retries_back_off_to_at_most_4_s_and_start_afresh() {
+        use kube::runtime::utils::Backoff as _;
+        let mut backoff = WatchBackoff::default();
+        let delays: Vec<u64> = (&mut backoff)
+            .take(7)
+            .map(|d| d.as_millis() as u64)
+            .collect();
+        assert_eq!(delays, [250, 500, 1000, 2000, 4000, 4000, 4000]);
+        backoff.reset();
+        assert_eq!(backoff.next(), Some(Duration::from_millis(250)));
+    }
+
+    #[test]
+    fn a_lagging_api_server_cache_is_recognised() {
+        assert!(resource_version_ahead(
+            "error returned by apiserver during watch: Timeout: Too large resource version: 337, current: 304"
+        ));
+        assert!(!resource_version_ahead("connection refused"));
     }
 }

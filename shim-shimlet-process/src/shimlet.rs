@@ -628,12 +628,17 @@ impl Inner {
                 .count(),
         )
         .unwrap_or(u32::MAX);
-        let address = (desired > 0).then(|| wanted().next()).flatten().map(|r| {
+        let url = |r: &Replica| {
             format!(
                 "http://{}",
                 url_authority(self.config.advertise_host(), r.record.port)
             )
-        });
+        };
+        let address = (desired > 0).then(|| wanted().next()).flatten().map(url);
+        let replica_addresses = wanted()
+            .filter(|r| r.record.exit.is_none() && r.health == Health::Ready)
+            .map(url)
+            .collect();
         let exited = wanted().find_map(|r| r.record.exit.clone());
         let timed_out = wanted().find_map(|r| match &r.health {
             Health::TimedOut(f) if r.record.exit.is_none() => Some(f.clone()),
@@ -668,6 +673,7 @@ impl Inner {
             ready_replicas: ready,
             desired_replicas: desired,
             address,
+            replica_addresses,
             generation: Some(service.spec.generation),
             failure,
         }
@@ -707,6 +713,14 @@ fn spawn_error(program: &str, err: std::io::Error) -> ShimletError {
         ),
         std::io::ErrorKind::PermissionDenied => {
             format!("engine program `{program}` is not executable: {err}")
+        }
+        // EAGAIN / ENOMEM from fork: the host is out of processes or memory for now. That is
+        // the runtime being overloaded, never a reason to fail the service.
+        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::OutOfMemory => {
+            return ShimletError::unavailable(format!(
+                "cannot start `{program}` now, the host is out of resources: {err}"
+            ))
+            .with_source(err);
         }
         _ => {
             return ShimletError::transient(

@@ -497,3 +497,87 @@ async fn a_deploy_the_store_cannot_persist_is_refused_and_forgotten() {
     tokio::time::sleep(Duration::from_millis(50)).await;
     assert!(shimlet.list().await.unwrap().is_empty());
 }
+
+/// Waits until `pred` holds for the service's record.
+async fn wait_until(
+    engine: &Engine,
+    id: &str,
+    what: &str,
+    pred: impl Fn(&ServiceRecord) -> bool,
+) -> ServiceRecord {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let record = engine.get(id);
+        if let Some(r) = record.as_ref().filter(|r| pred(r)) {
+            return r.clone();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out waiting for {what}; last: {record:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// The rule of `FailureReason::RuntimeUnavailable`: a runtime outage during a deploy, while the
+/// service runs, and during a delete never makes the service `failed`; it keeps its phase with
+/// the reason, and everything converges once the runtime is back.
+#[tokio::test]
+async fn a_runtime_outage_never_fails_a_service_and_everything_converges_after_it() {
+    let (engine, shimlet) = engine().await;
+    let mut events = engine.subscribe();
+    let unavailable = Some(FailureReason::RuntimeUnavailable.as_str());
+
+    // Deploy while the runtime is down: initializing with the reason, retried, never failed.
+    shimlet.set_unavailable(true);
+    let id = engine.deploy(DeploySpec::named("qwen")).await.unwrap();
+    let waiting = wait_until(&engine, &id, "the outage reason", |r| {
+        r.reason == unavailable
+    })
+    .await;
+    assert_eq!(waiting.phase, Phase::Initializing);
+    assert!(
+        waiting
+            .message
+            .as_deref()
+            .unwrap_or_default()
+            .contains("simulated runtime outage"),
+        "{waiting:?}"
+    );
+    // Many retries at the test's 50 ms cap; still not failed.
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let still = engine.get(&id).unwrap();
+    assert_eq!(still.phase, Phase::Initializing, "{still:?}");
+    assert_eq!(still.reason, unavailable);
+    assert_eq!(shimlet.applies(&id), 0, "nothing was applied while down");
+
+    shimlet.set_unavailable(false);
+    let running = wait_for(&engine, &id, Phase::Running).await.unwrap();
+    assert_eq!(running.reason, None, "the reason clears once it runs");
+
+    // While it runs, an outage (observe fails) leaves it running.
+    shimlet.set_unavailable(true);
+    engine.nudge(&id);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(engine.get(&id).unwrap().phase, Phase::Running);
+
+    // A delete during the outage waits as terminating, then completes after it.
+    engine.delete(&id).await.unwrap();
+    let terminating = wait_until(&engine, &id, "teardown blocked by the outage", |r| {
+        r.phase == Phase::Terminating && r.reason == unavailable
+    })
+    .await;
+    assert!(terminating.message.is_some());
+    shimlet.set_unavailable(false);
+    assert!(wait_for(&engine, &id, Phase::Deleted).await.is_none());
+
+    // Not once did the service pass through failed.
+    while let Ok(Some(event)) = tokio::time::timeout(Duration::ZERO, events.recv())
+        .await
+        .map(Result::ok)
+    {
+        if let EventKind::Transition { to, .. } = event.kind {
+            assert_ne!(to, Phase::Failed, "{event:?}");
+        }
+    }
+}
