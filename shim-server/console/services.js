@@ -129,14 +129,10 @@ export function render(main) {
     const view = services.get(id);
     const count = Number(input.value);
     if (!view || !Number.isInteger(count) || count < 0) { toast('Replicas must be a whole number', 'error'); return; }
-    // An update replaces the whole spec; these are the fields the API shows (env values are not
-    // shown, so they are not re-sent).
-    const body = { modelName: view.modelName, replicaCount: count };
-    if (view.engine) body.engine = view.engine;
-    if (view.contextLength) body.contextLength = view.contextLength;
-    if (view.acceleratorCount !== undefined) body.resourceRequirements = { acceleratorCount: view.acceleratorCount };
     try {
-      await api(`/api/v1/modserv/${encodeURIComponent(id)}`, { method: 'PUT', body });
+      // A merge patch of the one field: the rest of the stored spec (environment included,
+      // which the status does not show) is kept by the server.
+      await api(`/api/v1/modserv/${encodeURIComponent(id)}`, { method: 'PATCH', body: { replicaCount: count } });
       toast(`${id}: ${count} replica(s) requested`);
     } catch (err) {
       toast(`Update of ${id} failed: ${errorText(err)}`, 'error');

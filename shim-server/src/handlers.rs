@@ -628,6 +628,74 @@ pub(crate) async fn all_events(State(state): State<AppState>) -> Response {
         .into_response()
 }
 
+/// `PATCH /api/v1/modserv/{serviceId}`: a JSON merge patch (RFC 7386) of the service's stored
+/// spec, e.g. `{"replicaCount": 3}`. The patched spec is validated and applied exactly like a PUT
+/// body, so a client can change one field without knowing (or resending) the others, such as
+/// environment values, which the status never shows.
+pub(crate) async fn patch_service(
+    State(state): State<AppState>,
+    ServiceId(id): ServiceId,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    if let Some(value) = headers.get(header::CONTENT_TYPE) {
+        let value = value.to_str().unwrap_or_default();
+        if !value.to_ascii_lowercase().contains("json") {
+            return Err(ApiError::new(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                format!(
+                    "unsupported content type {value:?}: send application/merge-patch+json or application/json"
+                ),
+            ));
+        }
+    }
+    let body = body.map_err(|e| ApiError::new(e.status(), e.body_text()))?;
+    let patch: serde_json::Value = serde_json::from_slice(&body)
+        .map_err(|e| ApiError::bad_request(format!("malformed JSON: {e}")))?;
+    if !patch.is_object() {
+        return Err(ApiError::bad_request(
+            "request body must be a JSON object (a merge patch of the spec)",
+        ));
+    }
+    let Some(record) = state.engine().get(&id) else {
+        return Err(Error::NotFound(id).into());
+    };
+    let mut spec = serde_json::to_value(&record.spec).map_err(|e| {
+        ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("cannot read the stored spec: {e}"),
+        )
+    })?;
+    merge_patch(&mut spec, &patch);
+    // Through the same parser as a PUT body: type errors name the field.
+    let spec = parse_spec(spec.to_string().as_bytes())?;
+    state.engine().update(&id, spec).await?;
+    Ok(success(IdView { service_id: &id }))
+}
+
+/// RFC 7386: objects merge key by key, `null` removes a key, anything else replaces.
+fn merge_patch(target: &mut serde_json::Value, patch: &serde_json::Value) {
+    let serde_json::Value::Object(patch) = patch else {
+        *target = patch.clone();
+        return;
+    };
+    if !target.is_object() {
+        *target = serde_json::Value::Object(serde_json::Map::new());
+    }
+    if let serde_json::Value::Object(target) = target {
+        for (key, value) in patch {
+            if value.is_null() {
+                target.remove(key);
+            } else {
+                merge_patch(
+                    target.entry(key.clone()).or_insert(serde_json::Value::Null),
+                    value,
+                );
+            }
+        }
+    }
+}
+
 /// `GET /healthz`.
 pub(crate) async fn healthz(State(state): State<AppState>) -> Response {
     #[derive(Serialize)]

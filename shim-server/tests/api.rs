@@ -486,7 +486,8 @@ async fn routing_errors_are_envelopes_too() {
 
     for (method, uri) in [
         (Method::GET, "/api/v1/modserv/deploy"),
-        (Method::PATCH, "/api/v1/modserv/abc"),
+        // PATCH is served on the service itself (a merge patch), not on its pipeline.
+        (Method::PATCH, "/api/v1/modserv/abc/pipeline"),
         (Method::POST, "/api/v1/modserv/list"),
         (Method::DELETE, "/healthz"),
     ] {

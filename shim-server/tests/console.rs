@@ -118,3 +118,97 @@ async fn the_all_services_stream_carries_every_service_s_events() {
         );
     }
 }
+
+async fn call(
+    app: &axum::Router,
+    method: &str,
+    uri: &str,
+    body: &str,
+) -> (StatusCode, serde_json::Value) {
+    let response = app
+        .clone()
+        .oneshot(
+            Request::builder()
+                .method(method)
+                .uri(uri)
+                .header(header::CONTENT_TYPE, "application/merge-patch+json")
+                .body(Body::from(body.to_string()))
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    let status = response.status();
+    let bytes = axum::body::to_bytes(response.into_body(), usize::MAX)
+        .await
+        .unwrap();
+    (status, serde_json::from_slice(&bytes).unwrap())
+}
+
+/// The console scales with a merge patch: only the named field changes, the rest of the stored
+/// spec (environment included, which the status never shows) is kept.
+#[tokio::test]
+async fn a_merge_patch_changes_one_field_and_keeps_the_rest_of_the_spec() {
+    let (app, engine, _dir) = app().await;
+    let spec: shim_core::DeploySpec = serde_json::from_value(serde_json::json!({
+        "modelName": "alpha", "replicaCount": 1, "contextLength": 4096,
+        "env": [{"key": "HF_TOKEN", "value": "secret"}]
+    }))
+    .unwrap();
+    let id = engine.deploy(spec).await.unwrap();
+
+    let (status, body) = call(
+        &app,
+        "PATCH",
+        &format!("/api/v1/modserv/{id}"),
+        r#"{"replicaCount": 3}"#,
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["data"]["serviceId"], id.as_str());
+    let record = engine.get(&id).unwrap();
+    assert_eq!(record.generation, 2);
+    assert_eq!(record.spec.replica_count, Some(3));
+    assert_eq!(record.spec.context_length, Some(4096));
+    assert_eq!(record.spec.env.len(), 1);
+    assert_eq!(record.spec.env[0].value, "secret");
+
+    // `null` removes a field (back to the default).
+    let (status, _) = call(
+        &app,
+        "PATCH",
+        &format!("/api/v1/modserv/{id}"),
+        r#"{"contextLength": null}"#,
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(engine.get(&id).unwrap().spec.context_length, None);
+
+    // A wrong type is named like in a PUT; nothing changes.
+    let (status, body) = call(
+        &app,
+        "PATCH",
+        &format!("/api/v1/modserv/{id}"),
+        r#"{"replicaCount": "many"}"#,
+    )
+    .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert!(
+        body["message"]
+            .as_str()
+            .unwrap()
+            .starts_with("replicaCount:"),
+        "{body}"
+    );
+    assert_eq!(engine.get(&id).unwrap().generation, 3);
+
+    let (status, _) = call(&app, "PATCH", &format!("/api/v1/modserv/{id}"), "[1]").await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    let (status, body) = call(
+        &app,
+        "PATCH",
+        "/api/v1/modserv/nosuchid",
+        r#"{"replicaCount": 2}"#,
+    )
+    .await;
+    assert_eq!(status, StatusCode::NOT_FOUND, "{body}");
+}
