@@ -465,19 +465,80 @@ pub async fn plugins(args: ClientArgs) -> anyhow::Result<()> {
 pub async fn models(args: ClientArgs) -> anyhow::Result<()> {
     let api = Api::new(&args)?;
     let data = api.get("/api/v1/modserv/list").await?;
-    for m in data.as_array().cloned().unwrap_or_default() {
+    let models = data.as_array().cloned().unwrap_or_default();
+    if !models.is_empty() {
         println!(
-            "{:<32} {}",
-            m["modelName"].as_str().unwrap_or(""),
-            m["modelPath"].as_str().unwrap_or("")
+            "{:<32} {:<12} {:<20} {:>8} {:<10} {:>9} {:>8}  PATH",
+            "NAME", "FORMAT", "ARCHITECTURE", "PARAMS", "QUANT", "WEIGHTS", "CONTEXT"
         );
     }
+    for m in models {
+        println!("{}", model_line(&m));
+    }
     Ok(())
+}
+
+/// One row of `models`; `-` where the server could not read the metadata.
+fn model_line(m: &Value) -> String {
+    let text = |key: &str| m[key].as_str().unwrap_or("-").to_string();
+    let params = m["parameters"].as_u64().map_or("-".into(), |p| {
+        if p >= 1_000_000_000 {
+            format!("{:.1}B", p as f64 / 1e9)
+        } else if p >= 1_000_000 {
+            format!("{:.1}M", p as f64 / 1e6)
+        } else {
+            format!("{:.1}K", p as f64 / 1e3)
+        }
+    });
+    let weights = m["weightsBytes"].as_u64().map_or("-".into(), |b| {
+        format!("{:.2}GiB", b as f64 / f64::from(1u32 << 30))
+    });
+    let context = m["maxContextLength"]
+        .as_u64()
+        .map_or("-".into(), |c| c.to_string());
+    format!(
+        "{:<32} {:<12} {:<20} {:>8} {:<10} {:>9} {:>8}  {}",
+        text("modelName"),
+        text("format"),
+        text("architecture"),
+        params,
+        text("quantization"),
+        weights,
+        context,
+        text("modelPath"),
+    )
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn models_rows_show_the_metadata_or_a_dash() {
+        let row = model_line(&json!({
+            "modelName": "llama-8b", "modelPath": "/m/llama-8b", "format": "safetensors",
+            "architecture": "LlamaForCausalLM", "parameters": 8_030_261_248u64,
+            "quantization": "BF16", "weightsBytes": 16_060_522_496u64, "maxContextLength": 8192
+        }));
+        for part in [
+            "llama-8b",
+            "safetensors",
+            "LlamaForCausalLM",
+            "8.0B",
+            "BF16",
+            "14.96GiB",
+            "8192",
+            "/m/llama-8b",
+        ] {
+            assert!(row.contains(part), "{part} missing in {row}");
+        }
+        let unknown = model_line(&json!({
+            "modelName": "empty", "modelPath": "/m/empty", "format": null, "architecture": null,
+            "parameters": null, "quantization": null, "weightsBytes": null, "maxContextLength": null
+        }));
+        let dashes = unknown.split_whitespace().filter(|w| *w == "-").count();
+        assert_eq!(dashes, 6, "every unknown field reads '-': {unknown}");
+    }
 
     #[test]
     fn the_deploy_body_carries_only_what_was_given() {

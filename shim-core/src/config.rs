@@ -36,6 +36,8 @@ pub struct EngineConfig {
     pub gpus: Option<Vec<String>>,
     /// Whether two services may share one accelerator.
     pub share_gpus: bool,
+    /// Whether requests that do not fit the GPUs are refused (`engine.fitCheck`).
+    pub fit_check: crate::admission::FitCheck,
     /// Engine preset used when a request names none.
     pub default_engine: String,
     /// The whole configuration tree, for plugin sections (`shimlets.*`, `pipelines.*`, `engines.*`).
@@ -60,6 +62,7 @@ impl Default for EngineConfig {
             event_history: 200,
             gpus: None,
             share_gpus: false,
+            fit_check: crate::admission::FitCheck::Enforce,
             default_engine: "vllm".into(),
             plugins: Arc::new(serde_json::Value::Null),
         }

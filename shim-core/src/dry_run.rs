@@ -24,6 +24,9 @@ pub struct DryRun {
     pub manifests: Vec<serde_json::Value>,
     /// The pipeline's steps as they ran.
     pub steps: Vec<StepProgress>,
+    /// Memory per GPU and whether it fits; `null` when the model's metadata is unknown (or the
+    /// pipeline makes no estimate).
+    pub estimate: Option<crate::admission::Estimate>,
 }
 
 /// Records applies as renders; reports what it recorded as ready.

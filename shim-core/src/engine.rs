@@ -49,6 +49,8 @@ struct Inner {
     shimlet_name: String,
     pipeline: Arc<Pipeline>,
     queue: Arc<WorkQueue>,
+    /// The GPU inventory and allocator shared with the shimlet (admission reads it).
+    gpus: Arc<GpuAllocator>,
     /// The live services; every read is answered from here, never from a runtime.
     services: RwLock<HashMap<String, ServiceRecord>>,
     /// Cancels the pipeline run in flight for an id when a newer request supersedes it.
@@ -160,14 +162,17 @@ impl EngineBuilder {
     pub async fn build(self) -> Result<Engine> {
         let config = self.config;
         let queue = Arc::new(WorkQueue::new());
-        let devices = config.gpus.clone().unwrap_or_else(GpuAllocator::detect);
-        let gpus = Arc::new(GpuAllocator::new(devices, config.share_gpus));
+        let gpus = Arc::new(GpuAllocator::with_inventory(
+            config.gpus.clone(),
+            config.share_gpus,
+            "nvidia-smi",
+        ));
         let shimlet_name = self.shimlet_name.unwrap_or_else(|| "process".into());
         let context = ShimletContext {
             settings: config.plugin_settings(),
             state_dir: config.data_dir.join("shimlets").join(&shimlet_name),
             notifier: Notifier::new(queue.clone()),
-            gpus,
+            gpus: gpus.clone(),
         };
         let shimlet = match self.shimlet_maker {
             Some(make) => make(context),
@@ -196,6 +201,7 @@ impl EngineBuilder {
             shimlet_name,
             pipeline: Arc::new(pipeline),
             queue,
+            gpus,
             services: RwLock::new(live.into_iter().map(|r| (r.id.clone(), r)).collect()),
             in_flight: Mutex::default(),
             failures: Mutex::default(),
@@ -232,6 +238,7 @@ impl Engine {
     pub async fn deploy(&self, spec: DeploySpec) -> Result<String> {
         self.accepting()?;
         spec.validate(&self.inner.policy).map_err(Error::Invalid)?;
+        let verdict = self.admit(&spec, None, false).await?;
         let ack = {
             let mut services = self.inner.services.write().expect("services lock");
             let id = loop {
@@ -272,6 +279,7 @@ impl Engine {
                 .remove(&id);
             return Err(err);
         }
+        self.inner.gpus.set_need(&id, verdict.need);
         self.inner.queue.add(&id);
         Ok(id)
     }
@@ -283,12 +291,14 @@ impl Engine {
     pub async fn update(&self, id: &str, spec: DeploySpec) -> Result<()> {
         self.accepting()?;
         spec.validate(&self.inner.policy).map_err(Error::Invalid)?;
+        let verdict = self.admit(&spec, Some(id), false).await?;
         let ack = self.accept(id, "update", Trigger::Update, |record| {
             record.desired_replicas = spec.replicas();
             record.spec = spec;
             record.desired = Desired::Present;
         })?;
         ack.await?;
+        self.inner.gpus.set_need(id, verdict.need);
         self.inner.queue.add(id);
         Ok(())
     }
@@ -324,6 +334,7 @@ impl Engine {
     /// shimlet that cannot render).
     pub async fn dry_run(&self, spec: DeploySpec) -> Result<DryRun> {
         spec.validate(&self.inner.policy).map_err(Error::Invalid)?;
+        let verdict = self.admit(&spec, None, true).await?;
         let recorder = Arc::new(Recorder::new(self.inner.shimlet.clone()));
         let steps = Arc::new(StepLog::default());
         let context = PipelineContext::new("dry-run", 1, spec, recorder.clone(), steps.clone());
@@ -339,7 +350,32 @@ impl Engine {
             workloads,
             manifests,
             steps,
+            estimate: verdict.estimate,
         })
+    }
+
+    /// Checks `spec` against the GPUs at request time (`engine.fitCheck`), before anything is
+    /// accepted; see [`crate::admission`].
+    async fn admit(
+        &self,
+        spec: &DeploySpec,
+        id: Option<&str>,
+        dry_run: bool,
+    ) -> Result<crate::admission::Verdict> {
+        crate::admission::admit(
+            &self.inner.pipeline,
+            &self.inner.gpus,
+            self.inner.config.fit_check,
+            spec,
+            id,
+            dry_run,
+        )
+        .await
+    }
+
+    /// The GPU inventory and allocator (`GET /api/v1/gpus`, GPU metrics).
+    pub fn gpus(&self) -> &Arc<GpuAllocator> {
+        &self.inner.gpus
     }
 
     /// A live service's record; `None` once deleted or never deployed.

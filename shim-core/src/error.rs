@@ -45,6 +45,15 @@ pub enum Error {
     /// A dry run's pipeline stopped at a step (e.g. the model directory does not exist).
     #[error("dry run stopped: {0}")]
     DryRun(#[source] crate::pipeline::StepFailure),
+    /// The request does not fit the GPUs (`engine.fitCheck: enforce`); the message has the
+    /// numbers and what would fit.
+    #[error("does not fit: {message}")]
+    Unfit {
+        /// The estimate in words.
+        message: String,
+        /// The estimate.
+        estimate: Box<crate::admission::Estimate>,
+    },
     /// The engine is shutting down and takes no new work.
     #[error("the engine is shutting down")]
     ShuttingDown,

@@ -35,6 +35,7 @@
 //! # Ok(()) }
 //! ```
 
+pub mod admission;
 pub mod config;
 pub mod dry_run;
 pub mod engine;
@@ -53,12 +54,13 @@ pub mod store;
 pub mod testing;
 pub mod workload;
 
+pub use admission::{AdmissionRequest, Estimate, FitCheck, Verdict};
 pub use config::{EngineConfig, PluginSettings};
 pub use dry_run::DryRun;
 pub use engine::{Engine, EngineBuilder, PluginInfo};
 pub use error::{Error, Result};
 pub use event::{Event, EventBus, EventKind, EventStream, Received};
-pub use gpu::{GpuAllocator, GpuError};
+pub use gpu::{GpuAllocator, GpuError, GpuNeed, GpuStatus};
 pub use phase::{Phase, Transition, TransitionError, Trigger};
 pub use pipeline::{
     Pipeline, PipelineBuilder, PipelineContext, StepError, StepErrorKind, StepOptions,

@@ -209,6 +209,8 @@ pub struct Pipeline {
     name: String,
     steps: Vec<Step>,
     teardown: Vec<Step>,
+    /// Checks at request time whether a spec fits the GPUs (see [`crate::admission`]).
+    admission: Option<crate::admission::AdmissionFn>,
 }
 
 impl std::fmt::Debug for Pipeline {
@@ -241,6 +243,7 @@ impl Pipeline {
                 name: name.into(),
                 steps: Vec::new(),
                 teardown: Vec::new(),
+                admission: None,
             },
             defaults: StepOptions::default(),
             last_in_teardown: false,
@@ -263,6 +266,17 @@ impl Pipeline {
             .iter()
             .map(|s| StepProgress::new(&s.name))
             .collect()
+    }
+
+    /// Asks the admission hook about a request; `None` when the pipeline has none.
+    pub async fn admit(
+        &self,
+        request: crate::admission::AdmissionRequest,
+    ) -> Option<crate::admission::Verdict> {
+        match &self.admission {
+            Some(hook) => Some(hook(request).await),
+            None => None,
+        }
     }
 
     /// Runs the deploy steps in order.
@@ -362,6 +376,17 @@ impl PipelineBuilder {
         if let Some(step) = list.last_mut() {
             step.achieved = Some(Arc::new(move |ctx| Box::pin(check(ctx))));
         }
+        self
+    }
+
+    /// Sets the admission hook, which the engine calls at request time (deploy, update, dry
+    /// run) before accepting anything, to check that the spec fits the GPUs.
+    pub fn admission<F, Fut>(mut self, hook: F) -> Self
+    where
+        F: Fn(crate::admission::AdmissionRequest) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = crate::admission::Verdict> + Send + 'static,
+    {
+        self.pipeline.admission = Some(Arc::new(move |request| Box::pin(hook(request))));
         self
     }
 

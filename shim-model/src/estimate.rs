@@ -140,22 +140,25 @@ const LLAMACPP_KV_PAD: u64 = 256;
 
 /// llama.cpp's compute buffer plus its output (logits) buffer, in bytes.
 ///
-/// The graph allocator keeps the largest set of live f32 tensors of one micro-batch: the
-/// logits (`n_vocab × n_ubatch`), and per layer the attention scores (`n_ctx × n_ubatch ×
-/// n_head`) next to the feed-forward and residual activations. The coefficients were fitted to
-/// the buffer sizes llama.cpp logs (see docs/fit-check.md and `cargo xtask fit-accuracy`).
+/// The graph allocator reuses memory between the phases of one micro-batch of `ubatch` tokens,
+/// so the buffer is the larger of two phases (all tensors f32):
+/// - attention: the scores and the mask (`kv_cells × ubatch × (heads + 1)`), next to the
+///   feed-forward and residual activations (`(ff + 4 × width) × ubatch`);
+/// - output: the logits (`vocab × ubatch`) and two rows of activations (`2 × width × ubatch`).
+///
+/// The output buffer holds one row of logits. Fitted to the buffer sizes llama.cpp logs with
+/// flash attention off (llama-cpp-python's default; see `tests/llama_accuracy.rs` and
+/// docs/fit-check.md); with flash attention on there are no scores, so this overestimates.
 pub fn llamacpp_compute_bytes(info: &ModelInfo, context: u64, ubatch: u64) -> u64 {
     let ub = ubatch.min(context).max(1);
     let vocab = info.vocab_size.unwrap_or(32_000);
     let embd = info.embedding_length.unwrap_or(4096);
     let heads = info.heads.unwrap_or(32);
+    let ff = info.feed_forward_length.unwrap_or(4 * embd);
     let kv_cells = context.div_ceil(LLAMACPP_KV_PAD) * LLAMACPP_KV_PAD;
-    let logits = vocab * ub * 4;
-    let attention = kv_cells * ub * heads * 4;
-    let activations = embd * ub * 4 * 3;
-    // The output buffer: one row of logits per sequence (llama.cpp reserves at least one).
-    let output = vocab * 4;
-    logits + attention + activations + output
+    let attention = (kv_cells * (heads + 1) + ff + 4 * embd) * ub * 4;
+    let output = (vocab + 2 * embd) * ub * 4;
+    attention.max(output) + vocab * 4
 }
 
 /// The memory per GPU of one replica of `info` on an engine with `profile`, for `context`
@@ -386,6 +389,7 @@ mod tests {
             value_head_dim: Some(128),
             embedding_length: Some(4096),
             vocab_size: Some(128_256),
+            feed_forward_length: Some(14_336),
             max_context_length: Some(131_072),
         }
     }

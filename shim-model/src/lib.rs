@@ -104,6 +104,8 @@ pub struct ModelInfo {
     pub embedding_length: Option<u64>,
     /// Vocabulary size.
     pub vocab_size: Option<u64>,
+    /// Feed-forward width.
+    pub feed_forward_length: Option<u64>,
     /// Trained context length (`context_length`, `max_position_embeddings`).
     pub max_context_length: Option<u64>,
 }
@@ -190,6 +192,7 @@ pub fn inspect_gguf(path: &Path) -> Result<ModelInfo, ModelError> {
         value_head_dim,
         embedding_length: embedding,
         vocab_size,
+        feed_forward_length: file.arch_u64("feed_forward_length"),
         max_context_length: file.arch_u64("context_length"),
     })
 }
@@ -230,6 +233,7 @@ fn inspect_safetensors(dir: &Path, shards: Vec<PathBuf>) -> Result<ModelInfo, Mo
         value_head_dim: config.head_dim,
         embedding_length: config.hidden_size,
         vocab_size: config.vocab_size,
+        feed_forward_length: config.intermediate_size,
         max_context_length: config.max_position_embeddings,
     })
 }

@@ -154,6 +154,8 @@ pub struct HfConfig {
     pub quantization: Option<String>,
     /// `vocab_size`.
     pub vocab_size: Option<u64>,
+    /// `intermediate_size`.
+    pub intermediate_size: Option<u64>,
 }
 
 /// Reads `dir/config.json`; `None` when there is none.
@@ -226,5 +228,6 @@ pub fn parse_config(json: &Value) -> HfConfig {
         torch_dtype: string("torch_dtype").or_else(|| string("dtype")),
         quantization,
         vocab_size: num("vocab_size"),
+        intermediate_size: num("intermediate_size"),
     }
 }

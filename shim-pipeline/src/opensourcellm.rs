@@ -6,13 +6,15 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde::Deserialize;
+use shim_core::admission::{AdmissionRequest, Estimate, Verdict};
 use shim_core::spec::check_model_dir;
 use shim_core::{
-    FailureReason, HealthProbe, ModelVolume, Pipeline, PipelineContext, PluginSettings, Resources,
-    StepError, StepOptions, ValidationPolicy, WorkloadSpec, WorkloadState,
+    FailureReason, GpuNeed, HealthProbe, ModelVolume, Pipeline, PipelineContext, PluginSettings,
+    Resources, StepError, StepOptions, ValidationPolicy, WorkloadSpec, WorkloadState,
 };
 
 use crate::presets::{EnginePreset, Presets};
+use shim_model::{Estimator, GpuMemory};
 
 /// Settings under `pipelines.opensourcellm`.
 #[derive(Debug, Clone, Deserialize)]
@@ -108,8 +110,9 @@ pub fn build(settings: &PluginSettings) -> Result<Pipeline, String> {
         ..StepOptions::default()
     };
     let s = |setup: &Arc<Setup>| setup.clone();
-    let (a, b, c, d) = (s(&setup), s(&setup), s(&setup), s(&setup));
+    let (a, b, c, d, e) = (s(&setup), s(&setup), s(&setup), s(&setup), s(&setup));
     Ok(Pipeline::new("opensourcellm")
+        .admission(move |request| admission(e.clone(), request))
         .defaults(quick)
         .step("validate", move |ctx| validate(a.clone(), ctx))
         .step("resolve_model", move |ctx| resolve_model(b.clone(), ctx))
@@ -122,6 +125,111 @@ pub fn build(settings: &PluginSettings) -> Result<Pipeline, String> {
         .step("expose", expose)
         .teardown_step("delete", shim_core::pipeline::delete_until_gone)
         .build())
+}
+
+/// The fit check at request time: inspect the model's headers, estimate the memory per GPU for
+/// the chosen engine, and compare it with the GPUs this host could give the service.
+async fn admission(setup: Arc<Setup>, request: AdmissionRequest) -> Verdict {
+    let spec = request.spec;
+    let wanted = spec
+        .engine
+        .clone()
+        .unwrap_or_else(|| setup.default_engine.clone());
+    // An unknown engine is the validate step's error to report.
+    let Some((_, preset)) = setup.presets.resolve(&wanted) else {
+        return Verdict::default();
+    };
+    let profile = preset.fit;
+    if profile.estimator == Estimator::None {
+        return Verdict::default(); // the mock engine: nothing to estimate, nothing to warn about
+    }
+    let dir = spec.model_dir(&setup.policy);
+    let policy = setup.policy.clone();
+    let gpus = request.gpus;
+    let context = spec
+        .context_length
+        .and_then(|c| u64::try_from(c).ok())
+        .filter(|c| *c > 0);
+    let tp = spec.accelerators();
+    let replicas = spec.replicas();
+    let work = move || {
+        let info = match inspect_within(&dir, &policy) {
+            Ok(info) => info,
+            Err(note) => {
+                return Verdict {
+                    note: Some(note),
+                    ..Verdict::default()
+                };
+            }
+        };
+        let candidates: Option<Vec<GpuMemory>> = gpus.candidates().map(|list| {
+            list.into_iter()
+                .map(|g| GpuMemory {
+                    id: g.id,
+                    total_bytes: g.total_bytes,
+                    free_bytes: g.free_bytes,
+                })
+                .collect()
+        });
+        // Scaled to zero holds no GPU, so there is nothing to check.
+        let gpus_seen = if replicas == 0 {
+            None
+        } else {
+            candidates.as_deref()
+        };
+        let Some(plan) = shim_model::plan(&info, &profile, context, tp, replicas, gpus_seen) else {
+            return Verdict {
+                note: Some(format!(
+                    "{}: the model's metadata does not give layers, KV heads and head size",
+                    dir.display()
+                )),
+                ..Verdict::default()
+            };
+        };
+        Verdict {
+            estimate: Some(Estimate {
+                per_gpu_bytes: plan.estimate.per_gpu_bytes,
+                weights_bytes: plan.estimate.weights_bytes,
+                kv_cache_bytes: plan.estimate.kv_cache_bytes,
+                overhead_bytes: plan.estimate.overhead_bytes,
+                context_length: plan.estimate.context_length,
+                tensor_parallel: plan.estimate.tensor_parallel,
+                fits: plan.fits,
+                message: plan.message,
+                max_context_length: plan.max_context_length,
+            }),
+            need: (tp > 0).then_some(GpuNeed {
+                bytes: plan.estimate.per_gpu_bytes,
+                memory_fraction: profile.memory_fraction,
+            }),
+            note: None,
+        }
+    };
+    // Header reads are small but they are file I/O; keep them off the async workers.
+    tokio::task::spawn_blocking(work)
+        .await
+        .unwrap_or_else(|e| Verdict {
+            note: Some(format!("model inspection failed: {e}")),
+            ..Verdict::default()
+        })
+}
+
+/// Inspects the model directory, refusing one that resolves outside the allowed roots (a
+/// symlink inside the model root), as `resolve_model` does.
+fn inspect_within(dir: &Path, policy: &ValidationPolicy) -> Result<shim_model::ModelInfo, String> {
+    let real = std::fs::canonicalize(dir)
+        .map_err(|e| format!("model directory {} not found: {e}", dir.display()))?;
+    let roots = ValidationPolicy {
+        model_root: canonical_or_same(&policy.model_root),
+        allowed_model_dirs: policy
+            .allowed_model_dirs
+            .iter()
+            .map(|d| canonical_or_same(d))
+            .collect(),
+        ..policy.clone()
+    };
+    check_model_dir(&real, &roots)?;
+    shim_model::inspect(&real).map_err(|e| format!("model metadata unknown: {e}"))
 }
 
 async fn validate(setup: Arc<Setup>, ctx: PipelineContext) -> Result<(), StepError> {

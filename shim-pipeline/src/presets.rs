@@ -5,6 +5,7 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
+use shim_model::FitProfile;
 
 /// How to launch and probe one inference engine.
 ///
@@ -41,6 +42,9 @@ pub struct EnginePreset {
     /// Use this other preset instead when `command[0]` is not on PATH (llama-server →
     /// llama-cpp-python).
     pub fallback: Option<String>,
+    /// Memory behaviour for the fit check (`engines.<name>.fit.memoryFraction`, …): which
+    /// overhead formula, the share of a GPU the engine may use, the fixed overhead.
+    pub fit: FitProfile,
 }
 
 impl Default for EnginePreset {
@@ -59,6 +63,7 @@ impl Default for EnginePreset {
             startup_timeout_secs: 1800,
             model_file_extension: None,
             fallback: None,
+            fit: FitProfile::default(),
         }
     }
 }
@@ -87,6 +92,7 @@ pub fn builtin(mock_program: &str) -> BTreeMap<String, EnginePreset> {
             ]),
             accelerator_flag: Some("--tensor-parallel-size".into()),
             context_length_flag: Some("--max-model-len".into()),
+            fit: FitProfile::vllm(),
             ..EnginePreset::default()
         },
     );
@@ -109,6 +115,7 @@ pub fn builtin(mock_program: &str) -> BTreeMap<String, EnginePreset> {
             accelerator_flag: Some("--tp-size".into()),
             context_length_flag: Some("--context-length".into()),
             port: 30000,
+            fit: FitProfile::sglang(),
             ..EnginePreset::default()
         },
     );
@@ -134,6 +141,8 @@ pub fn builtin(mock_program: &str) -> BTreeMap<String, EnginePreset> {
             port: 8080,
             model_file_extension: Some("gguf".into()),
             fallback: Some("llama-cpp-python".into()),
+            // llama-server's default `-c` is 4096.
+            fit: FitProfile::llamacpp(4096),
             ..EnginePreset::default()
         },
     );
@@ -158,6 +167,8 @@ pub fn builtin(mock_program: &str) -> BTreeMap<String, EnginePreset> {
             context_length_flag: Some("--n_ctx".into()),
             health_path: "/v1/models".into(),
             model_file_extension: Some("gguf".into()),
+            // llama-cpp-python's server defaults to `--n_ctx 2048`.
+            fit: FitProfile::llamacpp(2048),
             ..EnginePreset::default()
         },
     );

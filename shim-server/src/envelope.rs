@@ -104,6 +104,8 @@ impl From<Error> for ApiError {
             // The request is well-formed but could not be rendered (missing model, a runtime
             // that cannot render).
             Error::DryRun(_) => StatusCode::UNPROCESSABLE_ENTITY,
+            // Well-formed, but the model does not fit the GPUs (`engine.fitCheck: enforce`).
+            Error::Unfit { .. } => StatusCode::UNPROCESSABLE_ENTITY,
             _ => StatusCode::INTERNAL_SERVER_ERROR,
         };
         let data = match &err {
@@ -112,6 +114,7 @@ impl From<Error> for ApiError {
                 "step": failure.step,
                 "reason": failure.error.reason.as_str(),
             })),
+            Error::Unfit { estimate, .. } => Some(serde_json::json!({ "estimate": estimate })),
             _ => None,
         };
         if status.is_server_error() {

@@ -265,12 +265,39 @@ fn wire_time(time: DateTime<Utc>) -> String {
     )
 }
 
-/// One model directory under the model root.
+/// One model directory under the model root, with what its headers say (`null` when they
+/// cannot be read: no model files yet, or a format this server does not read).
 #[derive(Serialize)]
 #[serde(rename_all = "camelCase")]
 struct ModelView {
     model_name: String,
     model_path: String,
+    format: Option<&'static str>,
+    architecture: Option<String>,
+    parameters: Option<u64>,
+    quantization: Option<String>,
+    weights_bytes: Option<u64>,
+    max_context_length: Option<u64>,
+}
+
+impl ModelView {
+    /// Fills in the metadata from the model's headers (never the weights).
+    fn inspect(mut self) -> Self {
+        match shim_model::inspect(Path::new(&self.model_path)) {
+            Ok(info) => {
+                self.format = Some(info.format.as_str());
+                self.architecture = info.architecture;
+                self.parameters = Some(info.parameters);
+                self.quantization = info.quantization;
+                self.weights_bytes = Some(info.weights_bytes);
+                self.max_context_length = info.max_context_length;
+            }
+            Err(err) => {
+                tracing::debug!(model = %self.model_name, error = %err, "model metadata unknown");
+            }
+        }
+        self
+    }
 }
 
 /// Pipeline progress of one service.
@@ -376,6 +403,7 @@ pub(crate) async fn list_models(State(state): State<AppState>) -> Result<Respons
                         .validate(&policy)
                         .is_ok()
                 })
+                .map(ModelView::inspect)
                 .collect::<Vec<_>>()
         })
     })
@@ -419,6 +447,12 @@ fn read_models(root: &Path) -> std::io::Result<Vec<ModelView>> {
         models.push(ModelView {
             model_name: name,
             model_path: path.to_string_lossy().into_owned(),
+            format: None,
+            architecture: None,
+            parameters: None,
+            quantization: None,
+            weights_bytes: None,
+            max_context_length: None,
         });
     }
     models.sort_by(|a, b| a.model_name.cmp(&b.model_name));
@@ -714,9 +748,30 @@ pub(crate) async fn healthz(State(state): State<AppState>) -> Response {
     )
 }
 
+/// Every GPU with its memory and holder; may run nvidia-smi, so off the async workers.
+async fn gpu_snapshot(state: &AppState) -> Vec<shim_core::GpuStatus> {
+    let gpus = state.engine().gpus().clone();
+    tokio::task::spawn_blocking(move || gpus.snapshot())
+        .await
+        .unwrap_or_default()
+}
+
+/// `GET /api/v1/gpus`: each GPU with its memory (bytes, `null` when unknown) and the service
+/// holding it.
+pub(crate) async fn gpus(State(state): State<AppState>) -> Response {
+    #[derive(Serialize)]
+    struct Gpus {
+        gpus: Vec<shim_core::GpuStatus>,
+    }
+    success(Gpus {
+        gpus: gpu_snapshot(&state).await,
+    })
+}
+
 /// `GET /metrics`: Prometheus text exposition.
 pub(crate) async fn metrics_text(State(state): State<AppState>) -> Response {
-    let body = crate::metrics::render(state.engine(), state.metrics());
+    let mut body = crate::metrics::render(state.engine(), state.metrics());
+    crate::metrics::render_gpus(&mut body, &gpu_snapshot(&state).await);
     (
         [(
             header::CONTENT_TYPE,

@@ -7,8 +7,8 @@
 
 use std::collections::HashMap;
 use std::fmt::Write as _;
-use std::sync::{Mutex, OnceLock};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, OnceLock};
 
 use axum::http::{Method, StatusCode};
 use shim_core::Engine;
@@ -231,6 +231,51 @@ fn escape_label(value: &str) -> String {
         .replace('\\', "\\\\")
         .replace('"', "\\\"")
         .replace('\n', "\\n")
+}
+
+/// GPU memory gauges (only GPUs whose memory nvidia-smi reports).
+pub(crate) fn render_gpus(out: &mut String, gpus: &[shim_core::GpuStatus]) {
+    type Field = fn(&shim_core::GpuStatus) -> Option<u64>;
+    let series: [(&str, &str, Field); 3] = [
+        ("total", "Total memory of each GPU, bytes.", |g| {
+            g.memory_total_bytes
+        }),
+        (
+            "used",
+            "Memory in use on each GPU (by anything), bytes.",
+            |g| g.memory_used_bytes,
+        ),
+        ("free", "Free memory of each GPU, bytes.", |g| {
+            g.memory_free_bytes
+        }),
+    ];
+    for (name, help, value) in series {
+        let _ = writeln!(
+            out,
+            "# HELP xmod_shim_gpu_memory_{name}_bytes {help}\n# TYPE xmod_shim_gpu_memory_{name}_bytes gauge"
+        );
+        for gpu in gpus {
+            if let Some(v) = value(gpu) {
+                let _ = writeln!(
+                    out,
+                    "xmod_shim_gpu_memory_{name}_bytes{{gpu=\"{}\"}} {v}",
+                    escape_label(&gpu.id)
+                );
+            }
+        }
+    }
+    let _ = writeln!(
+        out,
+        "# HELP xmod_shim_gpu_held Whether a service holds the GPU (1) or not (0).\n# TYPE xmod_shim_gpu_held gauge"
+    );
+    for gpu in gpus {
+        let _ = writeln!(
+            out,
+            "xmod_shim_gpu_held{{gpu=\"{}\"}} {}",
+            escape_label(&gpu.id),
+            u8::from(gpu.held_by.is_some())
+        );
+    }
 }
 
 #[cfg(test)]
