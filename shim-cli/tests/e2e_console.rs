@@ -20,6 +20,15 @@ use fantoccini::wd::{Capabilities, WebDriverCompatibleCommand};
 use fantoccini::{Client, ClientBuilder, Locator};
 use serde_json::{Value, json};
 
+/// Prints to the real stderr: libtest captures `eprintln!` of passing tests, and a skipped or
+/// partial run must be seen.
+macro_rules! loud {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stderr(), $($arg)*);
+    }};
+}
+
 /// The first of `names` found on PATH (or the path given in `env`).
 fn find_program(env: &str, names: &[&str]) -> Option<PathBuf> {
     if let Some(path) = std::env::var_os(env) {
@@ -172,7 +181,7 @@ fn browser_programs() -> Option<(PathBuf, PathBuf)> {
             "CI=true but chromium or chromedriver is missing: install the Debian packages \
              `chromium` and `chromium-driver` (cargo xtask ci does)"
         );
-        eprintln!(
+        loud!(
             "\n\n*** SKIPPED: the web console's browser test did not run: chromium or chromedriver \
              is not installed (apt-get install chromium chromium-driver). Under CI=true this fails. ***\n"
         );
@@ -485,7 +494,7 @@ fn an_operator_deploys_watches_reads_logs_chats_and_deletes_in_a_real_browser() 
                 20,
             )
             .await;
-            eprintln!(
+            loud!(
                 "NOTE: this server has no OpenAI gateway (/v1/models is 404): the playground was \
                  tested up to the request, not the streamed answer"
             );
@@ -612,7 +621,7 @@ fn an_operator_deploys_watches_reads_logs_chats_and_deletes_in_a_real_browser() 
             "{name}.png"
         );
     }
-    eprintln!("screenshots in {}", shots.display());
+    loud!("screenshots in {}", shots.display());
 }
 
 /// A thousand services (their model is missing, so each fails fast without starting a process)
@@ -933,7 +942,7 @@ fn the_deploy_form_shows_the_memory_estimate_and_the_gpus_page_the_inventory() {
     if !gpus_listed {
         // The inventory and the estimate come with another issue; until this server has them,
         // the console must say so plainly (and still render the dry run), which is checked here.
-        eprintln!("NOTE: this server has no /api/v1/gpus: checking the console's degraded pages");
+        loud!("NOTE: this server has no /api/v1/gpus: checking the console's degraded pages");
         let runtime = tokio::runtime::Runtime::new().unwrap();
         runtime.block_on(async {
             let b = session(&driver, &chromium, &shots).await;
