@@ -393,6 +393,18 @@ fn an_operator_deploys_watches_reads_logs_chats_and_deletes_in_a_real_browser() 
             20,
         )
         .await;
+        // The ready replica and its address, beside the service's endpoint.
+        let replica = b
+            .until(
+                "document.querySelector('#replicas li code')?.textContent",
+                "the ready replica's address",
+                20,
+            )
+            .await;
+        assert!(
+            replica.as_str().unwrap().starts_with("http://127.0.0.1:"),
+            "{replica}"
+        );
         b.click("#show-logs").await;
         let logs = b
             .until(
@@ -621,7 +633,9 @@ fn an_operator_deploys_watches_reads_logs_chats_and_deletes_in_a_real_browser() 
             "{name}.png"
         );
     }
-    loud!("screenshots in {}", shots.display());
+    if std::env::var_os("XMOD_SHIM_SCREENSHOTS").is_none() {
+        loud!("screenshots checked; set XMOD_SHIM_SCREENSHOTS=DIR to keep them");
+    }
 }
 
 /// A thousand services (their model is missing, so each fails fast without starting a process)

@@ -198,6 +198,9 @@ struct StatusView<'a> {
     context_length: Option<i64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     accelerator_count: Option<u32>,
+    /// Base URLs of the ready replicas (live services only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    replicas: Option<&'a [String]>,
     #[serde(skip_serializing_if = "Option::is_none")]
     generation: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -224,6 +227,7 @@ impl<'a> StatusView<'a> {
             engine: record.spec.engine.as_deref(),
             context_length: record.spec.context_length,
             accelerator_count: Some(record.spec.accelerators()),
+            replicas: Some(&record.replicas),
             generation: Some(record.generation),
             ready_replicas: Some(record.ready_replicas),
             desired_replicas: Some(record.desired_replicas),
@@ -243,6 +247,7 @@ impl<'a> StatusView<'a> {
             engine: deleted.and_then(|r| r.spec.engine.as_deref()),
             context_length: None,
             accelerator_count: None,
+            replicas: None,
             generation: deleted.map(|r| r.generation),
             ready_replicas: None,
             desired_replicas: None,
