@@ -40,6 +40,46 @@ fn find_program(env: &str, names: &[&str]) -> Option<PathBuf> {
         .find(|p| p.is_file())
 }
 
+/// The page audit run by [`Browser::audit`]; returns a list of problems.
+const AUDIT: &str = r#"
+const problems = [];
+const visible = (el) => el.getClientRects().length > 0 && getComputedStyle(el).visibility !== 'hidden';
+for (const el of document.querySelectorAll('input, select, textarea')) {
+  if (visible(el) && !(el.labels && el.labels.length) && !el.getAttribute('aria-label')) {
+    problems.push(`unlabelled ${el.tagName} #${el.id}`);
+  }
+}
+for (const el of document.querySelectorAll('button, a[href]')) {
+  if (visible(el) && !(el.textContent.trim() || el.getAttribute('aria-label'))) {
+    problems.push(`nameless ${el.tagName} ${el.outerHTML.slice(0, 80)}`);
+  }
+}
+const rgb = (c) => (c.match(/[\d.]+/g) || []).map(Number);
+const lum = ([r, g, b]) => {
+  const f = (v) => { v /= 255; return v <= 0.03928 ? v / 12.92 : ((v + 0.055) / 1.055) ** 2.4; };
+  return 0.2126 * f(r) + 0.7152 * f(g) + 0.0722 * f(b);
+};
+const background = (el) => {
+  for (; el; el = el.parentElement) {
+    const c = rgb(getComputedStyle(el).backgroundColor);
+    if (c.length === 3 || (c.length === 4 && c[3] > 0.5)) return c.slice(0, 3);
+  }
+  return [255, 255, 255];
+};
+for (const el of document.querySelectorAll('body *')) {
+  const text = [...el.childNodes].some((n) => n.nodeType === 3 && n.textContent.trim());
+  if (!text || !visible(el) || el.closest('[disabled], .skip, option, dialog:not([open])')) continue;
+  const style = getComputedStyle(el);
+  const [a, b] = [lum(rgb(style.color).slice(0, 3)), lum(background(el))];
+  const ratio = (Math.max(a, b) + 0.05) / (Math.min(a, b) + 0.05);
+  const large = parseFloat(style.fontSize) >= 24 || (parseFloat(style.fontSize) >= 18.66 && Number(style.fontWeight) >= 700);
+  if (ratio < (large ? 3 : 4.5)) {
+    problems.push(`contrast ${ratio.toFixed(2)} of "${el.textContent.trim().slice(0, 40)}" (${style.color} on ${background(el)})`);
+  }
+}
+return problems;
+"#;
+
 /// chromedriver as a child process, killed on drop.
 struct Driver {
     child: Child,
@@ -157,6 +197,13 @@ impl Browser {
             .unwrap();
         let png = self.client.screenshot().await.unwrap();
         std::fs::write(self.shots.join(format!("{name}.png")), png).unwrap();
+    }
+
+    /// Accessibility basics of the page as shown: every form control has a label, every button
+    /// and link a name, and visible text reaches WCAG AA contrast against what is behind it.
+    async fn audit(&self, page: &str) {
+        let problems = self.client.execute(AUDIT, vec![]).await.unwrap();
+        assert_eq!(problems, json!([]), "accessibility problems on {page}");
     }
 
     async fn collect_log(&mut self) {
@@ -332,6 +379,7 @@ fn an_operator_deploys_watches_reads_logs_chats_and_deletes_in_a_real_browser() 
             rendered.as_str().unwrap().contains("mock-engine"),
             "the dry run shows the mock engine's command: {rendered}"
         );
+        b.audit("deploy").await;
         b.shot("deploy").await;
         b.click("#deploy-confirm").await;
         let hash = b
@@ -370,6 +418,7 @@ fn an_operator_deploys_watches_reads_logs_chats_and_deletes_in_a_real_browser() 
         assert!(row_text.contains("demo") && row_text.contains("mock"), "{row_text}");
         assert!(row_text.contains("1/1"), "ready/desired: {row_text}");
         assert!(row_text.contains("/v1/chat/completions"), "endpoint: {row_text}");
+        b.audit("services").await;
         b.shot("services").await;
 
         // The detail page: pipeline done, events, and the engine log.
@@ -418,6 +467,7 @@ fn an_operator_deploys_watches_reads_logs_chats_and_deletes_in_a_real_browser() 
             !logs.as_str().unwrap().starts_with("Logs unavailable"),
             "{logs}"
         );
+        b.audit("detail").await;
         b.shot("detail").await;
 
         // The playground: a streamed answer through the gateway, token by token.
@@ -511,6 +561,7 @@ fn an_operator_deploys_watches_reads_logs_chats_and_deletes_in_a_real_browser() 
                  tested up to the request, not the streamed answer"
             );
         }
+        b.audit("playground").await;
         b.shot("playground").await;
 
         b.click("a[data-page=gpus]").await;
@@ -531,6 +582,7 @@ fn an_operator_deploys_watches_reads_logs_chats_and_deletes_in_a_real_browser() 
             )
             .await;
         }
+        b.audit("gpus").await;
         b.shot("gpus").await;
         b.click("a[data-page=plugins]").await;
         let plugins = b
@@ -541,6 +593,7 @@ fn an_operator_deploys_watches_reads_logs_chats_and_deletes_in_a_real_browser() 
             )
             .await;
         assert!(plugins.as_str().unwrap().contains("process"), "{plugins}");
+        b.audit("plugins").await;
         b.shot("plugins").await;
 
         // Scale to two replicas from the table: the desired count follows at once.
@@ -734,6 +787,7 @@ fn a_thousand_services_stay_responsive_and_changes_ask_for_the_operator_token() 
         assert_eq!(took[1], json!(50), "absent-0900..0999 match, one page shown: {took}");
         assert_eq!(took[2], json!("Page 2 of 20"), "{took}");
         assert!(ms < 500.0, "filtering and paging took {ms} ms");
+        b.audit("services-1000").await;
         b.shot("services-1000").await;
 
         // A change without the token: the console asks for it, then retries.
@@ -799,6 +853,7 @@ fn a_thousand_services_stay_responsive_and_changes_ask_for_the_operator_token() 
             )
             .await;
         assert_eq!(background, json!("rgb(15, 19, 24)"));
+        b.audit("services-dark").await;
         b.shot("services-dark").await;
 
         b.collect_log().await;
