@@ -19,12 +19,9 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     std::fs::create_dir_all(&config.data_dir)
         .with_context(|| format!("cannot create data directory {}", config.data_dir.display()))?;
     let store_path = config.data_dir.join("state.redb");
-    let store = RedbStore::open(&store_path, config.event_history).with_context(|| {
-        format!(
-            "cannot open the store {} (is another shim using it?)",
-            store_path.display()
-        )
-    })?;
+    // The store's errors name the file and say what to do.
+    let store =
+        RedbStore::open(&store_path, config.event_history).context("cannot open the store")?;
     let engine = Engine::builder()
         .config(config)
         .store(Arc::new(store))

@@ -292,12 +292,15 @@ impl Engine {
         self.accepting()?;
         spec.validate(&self.inner.policy).map_err(Error::Invalid)?;
         let verdict = self.admit(&spec, Some(id), false).await?;
-        let ack = self.accept(id, "update", Trigger::Update, |record| {
+        let (ack, previous) = self.accept(id, "update", Trigger::Update, |record| {
             record.desired_replicas = spec.replicas();
             record.spec = spec;
             record.desired = Desired::Present;
         })?;
-        ack.await?;
+        if let Err(err) = ack.await {
+            self.roll_back(previous);
+            return Err(err);
+        }
         self.inner.gpus.set_need(id, verdict.need);
         self.inner.queue.add(id);
         Ok(())
@@ -318,10 +321,13 @@ impl Engine {
                 None => return Err(Error::NotFound(id.to_string())),
             }
         }
-        let ack = self.accept(id, "delete", Trigger::Delete, |record| {
+        let (ack, previous) = self.accept(id, "delete", Trigger::Delete, |record| {
             record.desired = Desired::Absent;
         })?;
-        ack.await?;
+        if let Err(err) = ack.await {
+            self.roll_back(previous);
+            return Err(err);
+        }
         self.inner.queue.add(id);
         Ok(())
     }
@@ -549,19 +555,21 @@ impl Engine {
     }
 
     /// Applies an accepted request to a live record: new generation, FSM transition, cancel the
-    /// superseded pipeline run, store, publish.
+    /// superseded pipeline run, store, publish. Returns the store's acknowledgement and the
+    /// record as it was, for [`Engine::roll_back`] when the write fails.
     fn accept(
         &self,
         id: &str,
         action: &str,
         trigger: Trigger,
         change: impl FnOnce(&mut ServiceRecord),
-    ) -> Result<Ack> {
+    ) -> Result<(Ack, ServiceRecord)> {
         let mut services = self.inner.services.write().expect("services lock");
         let record = services
             .get_mut(id)
             .ok_or_else(|| Error::NotFound(id.to_string()))?;
         let to = phase::next(record.phase, trigger).map_err(|e| Error::Config(e.to_string()))?;
+        let previous = record.clone();
         let from = record.phase;
         change(record);
         record.generation += 1;
@@ -601,7 +609,27 @@ impl Engine {
                 message: None,
             },
         );
-        Ok(ack)
+        Ok((ack, previous))
+    }
+
+    /// Puts back the record as it was before a request whose store write failed (a full disk):
+    /// the client was told it failed, so nothing of it may remain. The superseded run was
+    /// cancelled, so the service is queued to converge on its previous spec again.
+    fn roll_back(&self, previous: ServiceRecord) {
+        let id = previous.id.clone();
+        {
+            let mut services = self.inner.services.write().expect("services lock");
+            match services.get_mut(&id) {
+                Some(record) if record.generation == previous.generation + 1 => {
+                    tracing::warn!(service_id = %id, generation = record.generation,
+                        "the store could not persist the request; the service keeps its previous spec");
+                    *record = previous;
+                }
+                // A newer request got through meanwhile; it decides.
+                _ => return,
+            }
+        }
+        self.inner.queue.add(&id);
     }
 
     fn emit(&self, record: &ServiceRecord, kind: EventKind) {

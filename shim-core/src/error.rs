@@ -64,4 +64,30 @@ impl Error {
     pub fn store(err: impl std::error::Error + Send + Sync + 'static) -> Self {
         Error::Store(Box::new(err))
     }
+
+    /// Whether the store failed because its disk is full (ENOSPC anywhere in the chain; redb
+    /// keeps only the message of some I/O errors, so the words count too). The API answers
+    /// 507 Insufficient Storage.
+    pub fn is_storage_full(&self) -> bool {
+        let Error::Store(err) = self else {
+            return false;
+        };
+        let mut next: Option<&(dyn std::error::Error + 'static)> = Some(err.as_ref());
+        while let Some(err) = next {
+            if let Some(io) = err.downcast_ref::<std::io::Error>()
+                && (io.kind() == std::io::ErrorKind::StorageFull || io.raw_os_error() == Some(28))
+            {
+                return true;
+            }
+            if err
+                .to_string()
+                .to_ascii_lowercase()
+                .contains("no space left on device")
+            {
+                return true;
+            }
+            next = err.source();
+        }
+        false
+    }
 }

@@ -106,6 +106,9 @@ impl From<Error> for ApiError {
             Error::DryRun(_) => StatusCode::UNPROCESSABLE_ENTITY,
             // Well-formed, but the model does not fit the GPUs (`engine.fitCheck: enforce`).
             Error::Unfit { .. } => StatusCode::UNPROCESSABLE_ENTITY,
+            // Nothing was applied (the engine rolls back); the client may retry once there is
+            // room.
+            Error::Store(_) if err.is_storage_full() => StatusCode::INSUFFICIENT_STORAGE,
             _ => StatusCode::INTERNAL_SERVER_ERROR,
         };
         let data = match &err {
@@ -131,5 +134,24 @@ impl From<Error> for ApiError {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         respond(self.status, &self.message, self.data)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_full_disk_is_507_and_other_store_failures_500() {
+        let full = Error::store(std::io::Error::from(std::io::ErrorKind::StorageFull));
+        assert_eq!(
+            ApiError::from(full).status,
+            StatusCode::INSUFFICIENT_STORAGE
+        );
+        let broken = Error::store(std::io::Error::other("checksum mismatch"));
+        assert_eq!(
+            ApiError::from(broken).status,
+            StatusCode::INTERNAL_SERVER_ERROR
+        );
     }
 }

@@ -89,3 +89,55 @@ async fn a_killed_replica_is_noticed_and_repaired_without_a_resync() {
     assert!(!alive(new_pid));
     engine.shutdown().await;
 }
+
+/// An engine that hangs (SIGSTOP: its port still accepts connections, nothing answers) fails
+/// its liveness probes and is replaced; the hung process is killed, not left behind.
+#[tokio::test]
+async fn a_hung_replica_is_detected_by_liveness_and_replaced() {
+    let sandbox = Sandbox::new(&[]);
+    let engine = Engine::builder()
+        .config(EngineConfig {
+            data_dir: sandbox.dir.path().to_path_buf(),
+            plugins: Arc::new(sandbox.config.clone()),
+            gpus: Some(Vec::new()),
+            resync_interval: Duration::from_secs(3600),
+            backoff_base: Duration::from_millis(10),
+            backoff_cap: Duration::from_millis(50),
+            ..EngineConfig::default()
+        })
+        .shimlet("process")
+        .pipeline(pipeline())
+        .build()
+        .await
+        .expect("engine");
+    let id = engine.deploy(DeploySpec::named("qwen")).await.unwrap();
+    eventually("running", Duration::from_secs(10), || async {
+        engine.get(&id).filter(|r| r.phase == Phase::Running)
+    })
+    .await;
+    let hung = sandbox.pids(&id)[0];
+    kill(Pid::from_raw(i32::try_from(hung).unwrap()), Signal::SIGSTOP).unwrap();
+    let started = std::time::Instant::now();
+    let replaced = eventually("replaced", Duration::from_secs(40), || async {
+        engine
+            .get(&id)
+            .filter(|r| r.phase == Phase::Running && r.restarts == 1)
+    })
+    .await;
+    eprintln!(
+        "hung replica replaced after {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+    assert_eq!(replaced.ready_replicas, 1);
+    let new_pid = sandbox.pids(&id)[0];
+    assert_ne!(new_pid, hung);
+    assert!(alive(new_pid));
+    assert!(!alive(hung), "the hung process was left running");
+
+    engine.delete(&id).await.unwrap();
+    eventually("deleted", Duration::from_secs(10), || async {
+        engine.get(&id).is_none().then_some(())
+    })
+    .await;
+    engine.shutdown().await;
+}

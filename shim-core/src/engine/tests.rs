@@ -463,16 +463,37 @@ async fn a_step_that_waited_for_scheduling_turns_the_service_initializing_while_
     );
 }
 
-/// A store whose disk is full: every write fails.
-struct FullDisk;
+/// A store whose disk fills up on demand: while full, every write fails with ENOSPC.
+#[derive(Default)]
+struct FullDisk {
+    room: std::sync::atomic::AtomicBool,
+    inner: MemoryStore,
+}
+
+impl FullDisk {
+    fn full() -> Self {
+        Self::default()
+    }
+
+    fn set_room(&self, room: bool) {
+        self.room.store(room, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    fn enospc() -> Error {
+        Error::store(std::io::Error::from(std::io::ErrorKind::StorageFull))
+    }
+}
 
 #[async_trait::async_trait]
 impl Store for FullDisk {
-    fn save(&self, _: &ServiceRecord) -> crate::store::Ack {
-        Box::pin(async { Err(Error::Store("no space left on device".into())) })
+    fn save(&self, record: &ServiceRecord) -> crate::store::Ack {
+        if self.room.load(std::sync::atomic::Ordering::SeqCst) {
+            return self.inner.save(record);
+        }
+        Box::pin(async { Err(FullDisk::enospc()) })
     }
     fn append_event(&self, _: &Event) -> crate::store::Ack {
-        Box::pin(async { Err(Error::Store("no space left on device".into())) })
+        Box::pin(async { Err(FullDisk::enospc()) })
     }
     async fn load_live(&self) -> Result<Vec<ServiceRecord>> {
         Ok(Vec::new())
@@ -487,9 +508,9 @@ impl Store for FullDisk {
 
 #[tokio::test]
 async fn a_deploy_the_store_cannot_persist_is_refused_and_forgotten() {
-    let (engine, shimlet) = engine_with(Arc::new(FullDisk)).await;
+    let (engine, shimlet) = engine_with(Arc::new(FullDisk::full())).await;
     let err = engine.deploy(DeploySpec::named("qwen")).await.unwrap_err();
-    assert!(err.to_string().contains("no space left"), "{err}");
+    assert!(err.is_storage_full(), "{err}");
     assert!(
         engine.list().is_empty(),
         "nothing the client was told failed may run"
@@ -580,4 +601,32 @@ async fn a_runtime_outage_never_fails_a_service_and_everything_converges_after_i
             assert_ne!(to, Phase::Failed, "{event:?}");
         }
     }
+}
+
+/// An update or delete the store cannot persist leaves nothing behind: the service keeps its
+/// previous spec, generation and phase, and keeps running.
+#[tokio::test]
+async fn an_update_or_delete_the_store_cannot_persist_changes_nothing() {
+    let disk = Arc::new(FullDisk::default());
+    disk.set_room(true);
+    let (engine, shimlet) = engine_with(disk.clone()).await;
+    let id = engine.deploy(DeploySpec::named("qwen")).await.unwrap();
+    let before = wait_for(&engine, &id, Phase::Running).await.unwrap();
+
+    disk.set_room(false);
+    let mut bigger = DeploySpec::named("qwen");
+    bigger.replica_count = Some(3);
+    let err = engine.update(&id, bigger).await.unwrap_err();
+    assert!(err.is_storage_full(), "{err}");
+    let err = engine.delete(&id).await.unwrap_err();
+    assert!(err.is_storage_full(), "{err}");
+
+    let after = engine.get(&id).unwrap();
+    assert_eq!(after.generation, before.generation);
+    assert_eq!(after.spec, before.spec);
+    assert_eq!(after.desired, Desired::Present);
+    // The cancelled run of the refused request is replaced by the previous spec's.
+    let after = wait_for(&engine, &id, Phase::Running).await.unwrap();
+    assert_eq!(after.generation, before.generation);
+    assert_eq!(shimlet.list().await.unwrap().len(), 1);
 }

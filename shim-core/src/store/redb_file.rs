@@ -47,23 +47,63 @@ impl std::fmt::Debug for RedbStore {
     }
 }
 
+/// The error for a state file that cannot be read: which file, what is wrong, how to recover.
+fn damaged(path: &Path, detail: &str) -> Error {
+    let path = path.display();
+    Error::store(std::io::Error::other(format!(
+        "the state file {path} is damaged or unreadable: {detail}. The shim will not start from an empty state, \
+         which would forget every service while its workloads keep running. To recover, restore \
+         {path} from a backup, or move it aside (mv {path} {path}.broken) to start empty: the \
+         workloads still running are then reported as orphans and left alone"
+    )))
+}
+
 impl RedbStore {
     /// Opens (or creates) the database at `path`, keeping `history` events per service.
     ///
+    /// A damaged file (truncated, empty, not a redb file) is refused with a message that names
+    /// it and says how to recover, never opened as an empty state: starting empty would forget
+    /// every service while their workloads keep running.
+    ///
     /// # Errors
-    /// When the file cannot be created or is not a redb database (or is locked by another shim).
+    /// When the file cannot be created, is damaged, or is locked by another shim.
     pub fn open(path: impl AsRef<Path>, history: usize) -> Result<Self> {
         let path = path.as_ref().to_path_buf();
         if let Some(parent) = path.parent() {
             std::fs::create_dir_all(parent).map_err(Error::store)?;
         }
-        let db = Arc::new(Database::create(&path).map_err(Error::store)?);
-        {
-            // Create the tables up front so readers never meet a missing table.
-            let txn = db.begin_write().map_err(Error::store)?;
-            txn.open_table(SERVICES).map_err(Error::store)?;
-            txn.open_table(EVENTS).map_err(Error::store)?;
-            txn.commit().map_err(Error::store)?;
+        // redb would initialise a zero-length file as a new, empty database.
+        if std::fs::metadata(&path).is_ok_and(|m| m.is_file() && m.len() == 0) {
+            return Err(damaged(&path, "the file is empty (truncated?)"));
+        }
+        // redb may panic on some damaged files rather than return an error.
+        let opened = std::panic::catch_unwind(|| Database::create(&path))
+            .map_err(|_| damaged(&path, "reading it made the database library panic"))?;
+        let db = opened.map_err(|err| match err {
+            redb::DatabaseError::DatabaseAlreadyOpen => {
+                Error::store(std::io::Error::other(format!(
+                    "the state file {} is in use by another process (is another shim running \
+                     with the same data directory?)",
+                    path.display()
+                )))
+            }
+            other => damaged(&path, &other.to_string()),
+        })?;
+        let db = Arc::new(db);
+        // Create the tables up front so readers never meet a missing table.
+        let tables = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            let txn = db.begin_write()?;
+            txn.open_table(SERVICES)?;
+            txn.open_table(EVENTS)?;
+            txn.commit()?;
+            Ok::<_, redb::Error>(())
+        }));
+        match tables {
+            Ok(Ok(())) => {}
+            Ok(Err(err)) => return Err(damaged(&path, &err.to_string())),
+            Err(_) => {
+                return Err(damaged(&path, "reading it made the database library panic"));
+            }
         }
         let (writer, queue) = mpsc::channel();
         let thread_db = db.clone();
@@ -95,10 +135,15 @@ impl RedbStore {
         f: impl FnOnce(&Database) -> std::result::Result<T, redb::Error> + Send + 'static,
     ) -> Result<T> {
         let db = self.db.clone();
-        tokio::task::spawn_blocking(move || f(&db))
-            .await
-            .map_err(Error::store)?
-            .map_err(Error::store)
+        let path = self.path.clone();
+        match tokio::task::spawn_blocking(move || f(&db)).await {
+            Ok(result) => result.map_err(Error::store),
+            // redb panics on some damaged pages instead of returning an error.
+            Err(join) if join.is_panic() => {
+                Err(damaged(&path, "reading it made the database library panic"))
+            }
+            Err(join) => Err(Error::store(join)),
+        }
     }
 }
 
@@ -188,7 +233,12 @@ impl Store for RedbStore {
             .await?;
         let mut records = Vec::with_capacity(raw.len());
         for bytes in raw {
-            let record: ServiceRecord = serde_json::from_slice(&bytes).map_err(Error::store)?;
+            let record: ServiceRecord = serde_json::from_slice(&bytes).map_err(|e| {
+                damaged(
+                    &self.path,
+                    &format!("a service record does not decode: {e}"),
+                )
+            })?;
             if record.is_live() {
                 records.push(record);
             }
@@ -320,5 +370,77 @@ mod tests {
             ack.await.unwrap();
         }
         assert_eq!(store.get("bbbb0001").await.unwrap().unwrap().generation, 50);
+    }
+
+    /// A store with 50 services, closed; returns the file.
+    async fn filled(dir: &Path) -> PathBuf {
+        let path = dir.join("state.redb");
+        let store = RedbStore::open(&path, 10).unwrap();
+        for i in 0..50u32 {
+            let record = ServiceRecord::new(format!("{i:08x}"), DeploySpec::named("m"), Utc::now());
+            store.save(&record).await.unwrap();
+        }
+        drop(store);
+        // The writer thread lets go of the file once it sees the store is gone.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while let Err(err) = Database::create(&path).map(drop) {
+            assert!(std::time::Instant::now() < deadline, "{err}");
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        path
+    }
+
+    #[tokio::test]
+    async fn a_damaged_file_is_refused_with_its_name_and_the_way_out_never_read_as_empty() {
+        type Damage = fn(&mut Vec<u8>);
+        let damages: [(&str, Damage); 4] = [
+            ("truncated to half", |b| b.truncate(b.len() / 2)),
+            ("truncated to nothing", Vec::clear),
+            ("overwritten header", |b| b[..64].fill(0x41)),
+            ("overwritten middle", |b| {
+                let m = b.len() / 2;
+                b[m..m + 4096].fill(0xAB);
+            }),
+        ];
+        for (what, damage) in damages {
+            let dir = tempfile::tempdir().unwrap();
+            let path = filled(dir.path()).await;
+            let mut bytes = std::fs::read(&path).unwrap();
+            damage(&mut bytes);
+            std::fs::write(&path, &bytes).unwrap();
+            let loaded = match RedbStore::open(&path, 10) {
+                Ok(store) => store.load_live().await,
+                Err(err) => Err(err),
+            };
+            match loaded {
+                // Damage where no data lives may go unnoticed, but then nothing is missing.
+                Ok(live) => assert_eq!(live.len(), 50, "{what}: a partial state was read"),
+                Err(err) => {
+                    let message = err.to_string();
+                    assert!(
+                        message.contains(&path.display().to_string())
+                            && message.contains("damaged")
+                            && message.contains("mv "),
+                        "{what}: {message}"
+                    );
+                }
+            }
+            // The three that damage data or layout must be refused.
+            if what != "overwritten middle" {
+                assert!(
+                    RedbStore::open(&path, 10).is_err(),
+                    "{what}: opened a damaged file"
+                );
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn a_second_shim_on_the_same_file_is_told_so() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.redb");
+        let _first = RedbStore::open(&path, 10).unwrap();
+        let err = RedbStore::open(&path, 10).unwrap_err().to_string();
+        assert!(err.contains("in use by another process"), "{err}");
     }
 }

@@ -1,0 +1,97 @@
+//! The binary facing faults of its own host: a damaged state file, and SIGTERM.
+
+mod common;
+
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{BIN, Reaper, Shim, alive, deploy, engine_pids, free_port, port_of, wait_status};
+use serde_json::json;
+
+/// A state file that is not a database stops the start with a message that names the file
+/// and the way out; the shim never starts empty over it.
+#[test]
+fn a_damaged_state_file_stops_the_start_with_its_name_and_the_way_out() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    let state = data.join("state.redb");
+    std::fs::write(&state, vec![0x41u8; 8192]).unwrap();
+    let out = Command::new(BIN)
+        .args(["--port", &free_port().to_string(), "--data-dir"])
+        .arg(&data)
+        .arg("--model-root")
+        .arg(dir.path())
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success(),
+        "started over a damaged file:\n{stderr}"
+    );
+    assert!(
+        stderr.contains(&state.display().to_string()) && stderr.contains("mv "),
+        "{stderr}"
+    );
+    assert_eq!(
+        std::fs::read(&state).unwrap(),
+        vec![0x41u8; 8192],
+        "the damaged file was changed"
+    );
+}
+
+/// SIGTERM: the server stops accepting, exits 0 within 10 s, and leaves the engines running
+/// for the next start to adopt.
+#[test]
+fn sigterm_exits_0_within_10_s_and_leaves_engines_for_re_adoption() {
+    let dir = tempfile::tempdir().unwrap();
+    let models = dir.path().join("models");
+    std::fs::create_dir_all(models.join("demo")).unwrap();
+    let _reaper = Reaper {
+        marker: models.display().to_string(),
+    };
+    let data = dir.path().join("data");
+    let port = free_port();
+    let mut shim = Shim::start(&data, &models, port);
+    let id = deploy(
+        &shim,
+        json!({"modelName": "demo", "engine": "mock", "replicaCount": 1}),
+    );
+    let (running, _) = wait_status(&shim, &id, 60, |d| d["status"] == "running");
+    let engine_port = port_of(running["endpoint"].as_str().unwrap());
+    let engines = engine_pids(engine_port);
+    assert_eq!(engines.len(), 1);
+
+    Command::new("kill")
+        .args(["-TERM", &shim.child.id().to_string()])
+        .status()
+        .unwrap();
+    let stopping = Instant::now();
+    let status = loop {
+        if let Some(status) = shim.child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            stopping.elapsed() < Duration::from_secs(10),
+            "still running 10 s after SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    eprintln!(
+        "exited {status} {:.2} s after SIGTERM",
+        stopping.elapsed().as_secs_f64()
+    );
+    assert!(status.success(), "{status}");
+    assert!(
+        std::net::TcpStream::connect(("127.0.0.1", port)).is_err(),
+        "still accepting connections"
+    );
+    assert!(alive(engines[0]), "the engine was stopped with the shim");
+    drop(shim);
+
+    let shim = Shim::start(&data, &models, port);
+    let (adopted, _) = wait_status(&shim, &id, 30, |d| d["status"] == "running");
+    assert_eq!(adopted["endpoint"], running["endpoint"]);
+    assert_eq!(engine_pids(engine_port), engines, "not re-adopted");
+}
