@@ -273,6 +273,9 @@ fn screenshots_dir(tmp: &Path) -> PathBuf {
     shots
 }
 
+/// The gateway's API key in the first test's server.
+const GATEWAY_KEY: &str = "console-test-gateway-key";
+
 #[test]
 fn an_operator_deploys_watches_reads_logs_chats_and_deletes_in_a_real_browser() {
     let Some((chromium, chromedriver)) = browser_programs() else {
@@ -289,7 +292,12 @@ fn an_operator_deploys_watches_reads_logs_chats_and_deletes_in_a_real_browser() 
     // One GPU declared in config (no real one needed): the form then asks for one per replica,
     // and the GPUs page shows the service holding it.
     let config = dir.path().join("shim.yaml");
-    std::fs::write(&config, "engine:\n  gpus: [\"0\"]\n").unwrap();
+    // The gateway wants an API key (its own, not the operator token): the playground asks.
+    std::fs::write(
+        &config,
+        format!("engine:\n  gpus: [\"0\"]\ngateway:\n  apiKeys:\n    - key: {GATEWAY_KEY}\n"),
+    )
+    .unwrap();
     let shim = Shim::start_with(
         &data,
         &models,
@@ -474,6 +482,20 @@ fn an_operator_deploys_watches_reads_logs_chats_and_deletes_in_a_real_browser() 
         // From the running service straight to the playground, its model chosen.
         b.click("#main a[href^='#/playground']").await;
         if gateway {
+            // Refused without the key; with it, the list opens.
+            b.until(
+                "document.getElementById('chat-notice').textContent.includes('gateway API key')",
+                "the request for the gateway key",
+                20,
+            )
+            .await;
+            b.client
+                .find(Locator::Css("#gateway-key"))
+                .await
+                .unwrap()
+                .send_keys(&format!("{GATEWAY_KEY}\u{e004}")) // Tab: the field's change event
+                .await
+                .unwrap();
             b.until(
                 "document.querySelector('#chat-model option[value=demo]') !== null",
                 "the gateway's model list",
@@ -665,10 +687,13 @@ fn an_operator_deploys_watches_reads_logs_chats_and_deletes_in_a_real_browser() 
         .into_iter()
         .filter(|e| {
             let text = e["message"].as_str().unwrap_or_default();
-            !(text.contains("404")
+            let absent = text.contains("404")
                 && missing
                     .iter()
-                    .any(|path| text.contains(&format!("{path} "))))
+                    .any(|path| text.contains(&format!("{path} ")));
+            // The model list asked once before the gateway key was given.
+            let keyless = text.contains("status of 401") && text.contains("/v1/models ");
+            !(absent || keyless)
         })
         .collect();
     assert!(errors.is_empty(), "browser console errors: {errors:#?}");

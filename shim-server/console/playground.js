@@ -74,6 +74,7 @@ export function render(main) {
 
   async function loadModels() {
     let names = [];
+    const status = new Map(); // model → status word, when the gateway says
     try {
       const listed = await gatewayModels();
       if (listed === null) {
@@ -81,8 +82,12 @@ export function render(main) {
         const services = await api('/api/v1/modserv');
         names = [...new Set(services.filter((s) => s.status === 'running').map((s) => s.modelName))];
       } else {
-        names = listed.map((m) => m.id);
-        notice.textContent = `${names.length} model(s) served by the gateway.`;
+        // Ready models first; the others stay choosable (a cold start may be queued).
+        const ready = (m) => (m.status === undefined || m.status === 'running' ? 0 : 1);
+        names = [...listed].sort((a, b) => ready(a) - ready(b)).map((m) => m.id);
+        for (const m of listed) if (m.status) status.set(m.id, m.status);
+        const running = listed.filter((m) => ready(m) === 0).length;
+        notice.textContent = `${running} of ${listed.length} model(s) ready behind the gateway.`;
       }
     } catch (err) {
       notice.textContent = `Listing models failed: ${errorText(err)}${err.status === 401 ? ' — enter the gateway API key.' : ''}`;
@@ -90,7 +95,8 @@ export function render(main) {
     const wanted = new URLSearchParams(location.hash.split('?')[1] || '').get('model');
     const keep = model.value;
     replace(model, names.length
-      ? names.map((n) => h('option', { value: n, selected: n === (keep || wanted) }, n))
+      ? names.map((n) => h('option', { value: n, selected: n === (keep || wanted) },
+        status.has(n) && status.get(n) !== 'running' ? `${n} (${status.get(n)})` : n))
       : h('option', { value: '' }, 'No model is being served'));
   }
   loadModels();
