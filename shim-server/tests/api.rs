@@ -571,13 +571,46 @@ async fn list_shows_the_model_directories_under_the_model_root() {
         .assert_success()
         .clone();
     let root = std::path::absolute(root).unwrap();
+    // No model files yet: the metadata is null.
+    let unknown = json!({"format": null, "architecture": null, "parameters": null,
+                         "quantization": null, "weightsBytes": null, "maxContextLength": null});
+    let entry = |name: &str| {
+        let mut e = unknown.clone();
+        e["modelName"] = json!(name);
+        e["modelPath"] = json!(root.join(name).to_str().unwrap());
+        e
+    };
     assert_eq!(
         data,
-        json!([
-            {"modelName": "Qwen2.5-7B-Instruct", "modelPath": root.join("Qwen2.5-7B-Instruct").to_str().unwrap()},
-            {"modelName": "llama-3-8b", "modelPath": root.join("llama-3-8b").to_str().unwrap()},
-        ])
+        json!([entry("Qwen2.5-7B-Instruct"), entry("llama-3-8b")])
     );
+    // With a safetensors shard (12 bf16 parameters) and config.json, the headers are read.
+    let header = br#"{"w":{"dtype":"BF16","shape":[3,4],"data_offsets":[0,24]}}"#;
+    let mut shard = (header.len() as u64).to_le_bytes().to_vec();
+    shard.extend_from_slice(header);
+    shard.extend_from_slice(&[0u8; 24]);
+    std::fs::write(root.join("llama-3-8b/model.safetensors"), shard).unwrap();
+    std::fs::write(
+        root.join("llama-3-8b/config.json"),
+        r#"{"architectures":["LlamaForCausalLM"],"max_position_embeddings":8192,"torch_dtype":"bfloat16"}"#,
+    )
+    .unwrap();
+    let listed = get(&h.app, "/api/v1/modserv/list")
+        .await
+        .assert_success()
+        .clone();
+    let mut expected = entry("llama-3-8b");
+    for (k, v) in [
+        ("format", json!("safetensors")),
+        ("architecture", json!("LlamaForCausalLM")),
+        ("parameters", json!(12)),
+        ("quantization", json!("BF16")),
+        ("weightsBytes", json!(24)),
+        ("maxContextLength", json!(8192)),
+    ] {
+        expected[k] = v;
+    }
+    assert_eq!(listed[1], expected);
     // Every listed name deploys.
     for model in data.as_array().unwrap() {
         deploy_ok(&h.app, model["modelName"].as_str().unwrap()).await;
