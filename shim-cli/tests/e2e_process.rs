@@ -326,3 +326,30 @@ fn gpus_are_never_shared_and_a_service_that_does_not_fit_waits_as_pending() {
     assert_eq!(waiting["status"], "pending", "{waiting}");
     shim.stop();
 }
+
+/// Secret environment values (names with KEY, TOKEN, SECRET or PASSWORD) never appear in a dry
+/// run, though the engine itself gets them.
+#[test]
+fn a_dry_run_shows_secret_environment_values_redacted() {
+    let dir = tempfile::tempdir().unwrap();
+    let models = dir.path().join("models");
+    std::fs::create_dir_all(models.join("demo")).unwrap();
+    let shim = Shim::start(&dir.path().join("data"), &models, free_port());
+    let envelope = send(
+        reqwest::Method::POST,
+        &shim.url("/api/v1/modserv/deploy?dryRun=true"),
+        Some(json!({"modelName": "demo", "engine": "mock", "env": [
+            {"key": "HF_TOKEN", "value": "hf_very_secret"},
+            {"key": "OPENAI_API_KEY", "value": "sk-very-secret"},
+            {"key": "HF_HUB_OFFLINE", "value": "1"}
+        ]})),
+    );
+    assert_eq!(envelope["code"], 0, "{envelope}");
+    let text = envelope.to_string();
+    assert!(
+        !text.contains("very_secret") && !text.contains("very-secret"),
+        "{text}"
+    );
+    assert!(text.contains("<redacted>"), "{text}");
+    assert!(text.contains("HF_HUB_OFFLINE"), "{text}");
+}

@@ -349,8 +349,13 @@ impl Engine {
             .run(&context)
             .await
             .map_err(Error::DryRun)?;
-        let workloads = std::mem::take(&mut *recorder.workloads.lock().expect("dry-run lock"));
-        let manifests = std::mem::take(&mut *recorder.manifests.lock().expect("dry-run lock"));
+        // What a dry run shows leaves the shim: secret environment values are redacted.
+        let mut workloads = std::mem::take(&mut *recorder.workloads.lock().expect("dry-run lock"));
+        for workload in &mut workloads {
+            crate::redact::redact_env(&mut workload.env);
+        }
+        let mut manifests = std::mem::take(&mut *recorder.manifests.lock().expect("dry-run lock"));
+        manifests.iter_mut().for_each(crate::redact::redact_json);
         let steps = std::mem::take(&mut *steps.0.lock().expect("dry-run lock"));
         Ok(DryRun {
             workloads,

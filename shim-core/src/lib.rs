@@ -47,6 +47,7 @@ pub mod pipeline;
 pub mod quantity;
 pub mod queue;
 pub mod record;
+pub mod redact;
 pub mod registry;
 pub mod shimlet;
 pub mod spec;
