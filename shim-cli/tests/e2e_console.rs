@@ -289,13 +289,15 @@ fn an_operator_deploys_watches_reads_logs_chats_and_deletes_in_a_real_browser() 
     };
     std::fs::create_dir_all(models.join("demo")).unwrap();
     let shots = screenshots_dir(dir.path());
-    // One GPU declared in config (no real one needed): the form then asks for one per replica,
-    // and the GPUs page shows the service holding it.
+    // Two GPUs declared in config (no real one needed): the form then asks for one per replica,
+    // and the GPUs page shows the service holding one.
     let config = dir.path().join("shim.yaml");
     // The gateway wants an API key (its own, not the operator token): the playground asks.
     std::fs::write(
         &config,
-        format!("engine:\n  gpus: [\"0\"]\ngateway:\n  apiKeys:\n    - key: {GATEWAY_KEY}\n"),
+        format!(
+            "engine:\n  gpus: [\"0\", \"1\"]\ngateway:\n  apiKeys:\n    - key: {GATEWAY_KEY}\n"
+        ),
     )
     .unwrap();
     let shim = Shim::start_with(
@@ -478,6 +480,24 @@ fn an_operator_deploys_watches_reads_logs_chats_and_deletes_in_a_real_browser() 
         b.audit("detail").await;
         b.shot("detail").await;
 
+        // The log is followed: a second replica, started while the page watches, shows up in it
+        // (each replica's lines are marked once there are two).
+        b.client
+            .execute(
+                "fetch(`/api/v1/modserv/${arguments[0]}`, {method: 'PATCH',
+                   headers: {'Content-Type': 'application/merge-patch+json'},
+                   body: JSON.stringify({replicaCount: 2})})",
+                vec![json!(service_id)],
+            )
+            .await
+            .unwrap();
+        b.until(
+            "document.getElementById('logs').textContent.includes('[replica 1]')",
+            "the second replica's lines in the followed log",
+            30,
+        )
+        .await;
+
         // The playground: a streamed answer through the gateway, token by token.
         // From the running service straight to the playground, its model chosen.
         b.click("#main a[href^='#/playground']").await;
@@ -618,7 +638,8 @@ fn an_operator_deploys_watches_reads_logs_chats_and_deletes_in_a_real_browser() 
         b.audit("plugins").await;
         b.shot("plugins").await;
 
-        // Scale to two replicas from the table: the desired count follows at once.
+        // Scale to three replicas from the table: the desired count follows at once (the third
+        // waits for a GPU).
         b.click("a[data-page=services]").await;
         b.until(&format!("document.querySelector(\"{row}\")"), "the row again", 20)
             .await;
@@ -628,11 +649,11 @@ fn an_operator_deploys_watches_reads_logs_chats_and_deletes_in_a_real_browser() 
             .await
             .unwrap();
         replicas.clear().await.unwrap();
-        replicas.send_keys("2").await.unwrap();
+        replicas.send_keys("3").await.unwrap();
         b.click(&format!("{row} .inline button")).await;
         b.until(
-            &format!("document.querySelector(\"{row} td.mono\").textContent.endsWith('/2')"),
-            "two replicas desired",
+            &format!("document.querySelector(\"{row} td.mono\").textContent.endsWith('/3')"),
+            "three replicas desired",
             20,
         )
         .await;
@@ -669,8 +690,8 @@ fn an_operator_deploys_watches_reads_logs_chats_and_deletes_in_a_real_browser() 
     // The server agrees: the service is gone.
     let (status, _) = wait_status(&shim, &service_id, 30, |d| d["status"] == "notExist");
     assert_eq!(status["status"], "notExist");
-    // Deploy, the update to two replicas, delete: three accepted generations.
-    assert_eq!(status["generation"], 3, "{status}");
+    // Deploy, two replicas (from the detail page), three (from the table), delete.
+    assert_eq!(status["generation"], 4, "{status}");
 
     // No errors in the browser's console. A route another issue has not delivered yet is
     // probed once and answered 404; Chromium logs that fetch as a failed load, which is the only

@@ -1,9 +1,8 @@
 // One service: status, replicas and addresses, pipeline steps with progress and durations, the
-// event timeline (streamed), and the engine log (followed by re-reading its tail).
+// event timeline (streamed), and the engine log (its tail, or followed as a stream).
 import { api, follow } from './api.js';
 import { h, replace, statusWord, copyButton, duration, time, errorText, confirmDialog, toast } from './dom.js';
 
-const LOG_POLL_MS = 2000;
 const MAX_TIMELINE = 500;
 
 export function describe(e) {
@@ -27,7 +26,6 @@ export function render(main, [id]) {
   const path = `/api/v1/modserv/${encodeURIComponent(id)}`;
   const started = new Map(); // step → start time of its running attempt
   let refreshTimer = null;
-  let logTimer = null;
   let closed = false;
 
   const heading = h('h1', {}, 'Service ', h('span', { class: 'mono' }, id));
@@ -40,7 +38,7 @@ export function render(main, [id]) {
   const logs = h('pre', { id: 'logs', tabindex: '0', 'aria-label': 'Engine log' }, 'Press “Show logs” to read the engine log.');
   const tail = h('input', { id: 'log-tail', type: 'number', min: '1', max: '10000', value: '200' });
   const followBox = h('input', { id: 'log-follow', type: 'checkbox', checked: true });
-  const logButton = h('button', { type: 'button', id: 'show-logs', onclick: () => loadLogs(true) }, 'Show logs');
+  const logButton = h('button', { type: 'button', id: 'show-logs', onclick: () => loadLogs() }, 'Show logs');
   const deleteButton = h('button', { type: 'button', class: 'danger', onclick: remove_ }, 'Delete');
   const tryLink = h('a', { class: 'button', hidden: true }, 'Try in the playground');
 
@@ -133,25 +131,57 @@ export function render(main, [id]) {
     scheduleRefresh();
   }
 
-  async function loadLogs(userAsked) {
-    clearTimeout(logTimer);
-    logTimer = null;
-    const n = Math.min(Math.max(Number(tail.value) || 200, 1), 10000);
+  // The tail once, or (Follow) the server's log stream: a first message with the tail, then
+  // the lines added since; an event named `reset` replaces everything shown.
+  let logSource = null;
+  function stopFollowing() { logSource?.close(); logSource = null; }
+  function tailSize() { return Math.min(Math.max(Number(tail.value) || 200, 1), 10000); }
+  function showLines(lines) {
+    const atBottom = logs.scrollTop + logs.clientHeight >= logs.scrollHeight - 4;
+    logs.textContent = lines.length ? lines.join('\n') : '(no output yet)';
+    if (atBottom) logs.scrollTop = logs.scrollHeight;
+  }
+
+  async function loadLogs() {
+    stopFollowing();
+    logButton.textContent = 'Reload logs';
+    const n = tailSize();
+    if (followBox.checked) {
+      let lines = [];
+      let fresh = true;
+      const source = new EventSource(`${path}/logs?tail=${n}&follow=true`);
+      logSource = source;
+      const split = (data) => (data === '' ? [] : data.split('\n'));
+      // Every connection starts with the whole tail, so a reconnect never doubles lines.
+      source.onopen = () => { fresh = true; };
+      source.onmessage = (m) => {
+        lines = fresh ? split(m.data) : lines.concat(split(m.data));
+        fresh = false;
+        if (lines.length > n) lines = lines.slice(lines.length - n);
+        showLines(lines);
+      };
+      source.addEventListener('reset', (m) => { lines = split(m.data); fresh = false; showLines(lines); });
+      source.onerror = () => {
+        // Refused (no such service, a runtime without logs): read once to show why.
+        if (source.readyState === EventSource.CLOSED && logSource === source) { stopFollowing(); readOnce(n); }
+      };
+      return;
+    }
+    await readOnce(n);
+  }
+
+  async function readOnce(n) {
     try {
       const data = await api(`${path}/logs?tail=${n}`);
-      if (closed) return;
-      const atBottom = logs.scrollTop + logs.clientHeight >= logs.scrollHeight - 4;
-      logs.textContent = data.logs || '(no output yet)';
-      if (atBottom || userAsked) logs.scrollTop = logs.scrollHeight;
-      logButton.textContent = 'Reload logs';
+      if (!closed) { showLines(data.logs ? data.logs.replace(/\n$/, '').split('\n') : []); logs.scrollTop = logs.scrollHeight; }
     } catch (err) {
-      logs.textContent = `Logs unavailable: ${errorText(err)}`;
-      if (err.status === 501 || err.status === 404) return; // the runtime cannot give logs: stop
+      if (!closed) logs.textContent = `Logs unavailable: ${errorText(err)}`;
     }
-    // Following re-reads the tail: the API has no log stream, and a tail read is cheap.
-    if (followBox.checked && !closed) logTimer = setTimeout(() => loadLogs(false), LOG_POLL_MS);
   }
-  followBox.addEventListener('change', () => { if (followBox.checked && logButton.textContent !== 'Show logs') loadLogs(false); });
+  followBox.addEventListener('change', () => {
+    if (!followBox.checked) stopFollowing();
+    else if (logButton.textContent !== 'Show logs') loadLogs();
+  });
 
   async function remove_() {
     if (!(await confirmDialog(`Delete service ${id}? Its engine is stopped.`, 'Delete'))) return;
@@ -175,6 +205,6 @@ export function render(main, [id]) {
     closed = true;
     stop();
     clearTimeout(refreshTimer);
-    clearTimeout(logTimer);
+    stopFollowing();
   };
 }

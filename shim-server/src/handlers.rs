@@ -83,6 +83,9 @@ pub(crate) struct EventsQuery {
 #[derive(Debug, Default, Deserialize)]
 pub(crate) struct LogsQuery {
     tail: Option<usize>,
+    /// Stream new lines as server-sent events after the tail.
+    #[serde(default)]
+    follow: bool,
 }
 
 fn query<T>(query: Result<Query<T>, QueryRejection>) -> Result<T, ApiError> {
@@ -610,7 +613,11 @@ pub(crate) async fn logs(
     ServiceId(id): ServiceId,
     params: Result<Query<LogsQuery>, QueryRejection>,
 ) -> Result<Response, ApiError> {
-    let tail = query(params)?.tail.unwrap_or(DEFAULT_TAIL).min(MAX_TAIL);
+    let params = query(params)?;
+    let tail = params.tail.unwrap_or(DEFAULT_TAIL).min(MAX_TAIL);
+    if params.follow {
+        return follow_logs(state, id, tail).await;
+    }
     match state.engine().logs(&id, tail).await {
         Ok(logs) => {
             #[derive(Serialize)]
@@ -732,6 +739,135 @@ fn merge_patch(target: &mut serde_json::Value, patch: &serde_json::Value) {
                 );
             }
         }
+    }
+}
+
+/// How often a followed log is read again from the runtime (runtimes offer a tail, not a stream).
+const LOG_FOLLOW_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
+/// Lines read at each poll of a followed log: the overlap with the previous read is found in
+/// this window, so more than this many new lines in one interval are reported as a gap.
+const LOG_FOLLOW_WINDOW: usize = 2000;
+
+/// `GET /api/v1/modserv/{serviceId}/logs?follow=true&tail=N`: server-sent events. The first
+/// message is the last `tail` lines; each later one carries the lines added since (its `data:`
+/// lines are log lines). When the new read does not overlap the previous one (the log rotated,
+/// or more than the window arrived), an event named `reset` carries the current tail instead,
+/// to replace what was shown. The stream ends when the service goes away or the server stops.
+async fn follow_logs(state: AppState, id: String, tail: usize) -> Result<Response, ApiError> {
+    let first = match state.engine().logs(&id, tail).await {
+        Ok(text) => text,
+        Err(Error::Shimlet(err)) if is_unsupported(&err, "logs") => {
+            return Err(ApiError::new(StatusCode::NOT_IMPLEMENTED, err.message));
+        }
+        Err(err) => return Err(err.into()),
+    };
+    struct Follow {
+        state: AppState,
+        id: String,
+        tail: usize,
+        /// The last read, as lines; `None` before the first message went out.
+        seen: Option<Vec<String>>,
+        first: String,
+    }
+    let follow = Follow {
+        state,
+        id,
+        tail,
+        seen: None,
+        first,
+    };
+    let stream = futures::stream::unfold(follow, |mut f| async move {
+        let Some(seen) = &f.seen else {
+            let lines: Vec<String> = f.first.lines().map(str::to_owned).collect();
+            let event = SseEvent::default().data(lines.join("\n"));
+            f.seen = Some(lines);
+            return Some((Ok::<_, Infallible>(event), f));
+        };
+        let mut seen = seen.clone();
+        loop {
+            tokio::select! {
+                () = f.state.stopping().cancelled() => return None,
+                () = tokio::time::sleep(LOG_FOLLOW_INTERVAL) => {}
+            }
+            // `tail` is at most MAX_TAIL already, and the window is below it.
+            let window = f.tail.max(LOG_FOLLOW_WINDOW);
+            let text = match f.state.engine().logs(&f.id, window).await {
+                Ok(text) => text,
+                Err(Error::NotFound(_)) => return None,
+                Err(err) => {
+                    // Runtimes fail transiently (a restarting replica); say so and keep going.
+                    tracing::debug!(service_id = %f.id, error = %err, "log follow read failed");
+                    continue;
+                }
+            };
+            let current: Vec<String> = text.lines().map(str::to_owned).collect();
+            let event = match new_lines(&seen, &current) {
+                Some([]) => continue,
+                Some(added) => SseEvent::default().data(added.join("\n")),
+                None => {
+                    let start = current.len().saturating_sub(f.tail);
+                    SseEvent::default()
+                        .event("reset")
+                        .data(current[start..].join("\n"))
+                }
+            };
+            seen = current;
+            f.seen = Some(seen);
+            return Some((Ok(event), f));
+        }
+    });
+    Ok(Sse::new(stream)
+        .keep_alive(KeepAlive::default())
+        .into_response())
+}
+
+/// The lines of `current` (a later tail of the same log) that follow the end of `previous`:
+/// after the longest start of `current` that ends `previous`. `None` when they do not overlap
+/// at all although both have lines (the log was rotated or replaced, or more new lines came
+/// than one read holds).
+fn new_lines<'a>(previous: &[String], current: &'a [String]) -> Option<&'a [String]> {
+    if previous.is_empty() {
+        return Some(current);
+    }
+    // Candidates end where `current` repeats the last line seen; the longest overlap wins, so
+    // a repeated line is not reported twice.
+    let last = previous.last()?;
+    (1..=current.len().min(previous.len()))
+        .rev()
+        .filter(|&j| &current[j - 1] == last)
+        .find(|&j| current[..j] == previous[previous.len() - j..])
+        .map(|j| &current[j..])
+        .or_else(|| current.is_empty().then_some(current))
+}
+
+#[cfg(test)]
+mod follow_tests {
+    use super::new_lines;
+
+    fn lines(text: &str) -> Vec<String> {
+        text.split_whitespace().map(str::to_owned).collect()
+    }
+
+    #[test]
+    fn only_the_lines_after_the_overlap_are_new() {
+        let before = lines("a b c");
+        assert_eq!(
+            new_lines(&before, &lines("a b c d e")),
+            Some(&lines("d e")[..])
+        );
+        // The window moved on: the start of the old read fell out of the new one.
+        assert_eq!(new_lines(&before, &lines("b c d")), Some(&lines("d")[..]));
+        assert_eq!(new_lines(&before, &lines("a b c")), Some(&[][..]));
+        assert_eq!(new_lines(&[], &lines("x")), Some(&lines("x")[..]));
+    }
+
+    #[test]
+    fn repeated_lines_are_not_reported_twice_and_a_rotation_is_no_overlap() {
+        assert_eq!(
+            new_lines(&lines("x x"), &lines("x x x")),
+            Some(&lines("x")[..])
+        );
+        assert_eq!(new_lines(&lines("a b"), &lines("c d")), None);
     }
 }
 
