@@ -52,7 +52,8 @@ pub fn ensure_chromium() -> anyhow::Result<()> {
         Ok(())
     };
     apt(&["update", "-q"])?;
-    let mut install = vec!["install", "-y", "-q", "--no-install-recommends"];
+    // With the recommended packages (fonts among them), as the tests were written against.
+    let mut install = vec!["install", "-y", "-q"];
     install.extend(&missing);
     apt(&install)?;
     for (program, package) in NEEDED {
