@@ -43,8 +43,15 @@ pub struct Service {
     pub host: String,
     /// Port to bind.
     pub port: u16,
-    /// When set, POST/PUT/DELETE need `Authorization: Bearer <token>`.
+    /// When set, POST/PUT/DELETE need `Authorization: Bearer <token>` (an operator token
+    /// named `admin`).
     pub auth_token: Option<String>,
+    /// Tokens with roles: `[{name, token, role: viewer|operator}]`.
+    pub tokens: Vec<shim_server::ApiToken>,
+    /// Reads need a token too (off: the existing client polls status without one).
+    pub protect_reads: bool,
+    /// Where every changing request is recorded as a JSON line; default `<dataDir>/audit.log`.
+    pub audit_log: Option<PathBuf>,
     /// Largest request body accepted.
     pub body_limit_bytes: usize,
 }
@@ -55,6 +62,9 @@ impl Default for Service {
             host: "127.0.0.1".into(),
             port: 8080,
             auth_token: None,
+            tokens: Vec::new(),
+            protect_reads: false,
+            audit_log: None,
             body_limit_bytes: 1024 * 1024,
         }
     }

@@ -43,14 +43,24 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         "model-serve-shim {} listening",
         env!("CARGO_PKG_VERSION")
     );
-    let state = shim_server::AppState::new(
+    let state = shim_server::AppState::try_new(
         engine.clone(),
         shim_server::ServerConfig {
             auth_token: settings.service.auth_token.clone(),
+            tokens: settings.service.tokens.clone(),
+            protect_reads: settings.service.protect_reads,
+            audit_log: Some(
+                settings
+                    .service
+                    .audit_log
+                    .clone()
+                    .unwrap_or_else(|| engine.config().data_dir.join("audit.log")),
+            ),
             body_limit_bytes: settings.service.body_limit_bytes,
             ..shim_server::ServerConfig::default()
         },
-    );
+    )
+    .context("cannot open the audit log (service.auditLog)")?;
     // The OpenAI gateway shares the port, outside the admin API's envelope and token.
     let gateway = shim_gateway::Gateway::new(engine.clone(), settings.gateway.clone());
     let metrics = gateway.clone();

@@ -25,6 +25,7 @@
 //! # Ok(()) }
 //! ```
 
+mod access;
 mod console;
 mod envelope;
 mod handlers;
@@ -40,6 +41,7 @@ use axum::routing::{self, MethodRouter};
 use axum::serve::ListenerExt;
 use tower_http::catch_panic::CatchPanicLayer;
 
+pub use access::{ApiToken, Role};
 pub use envelope::ApiError;
 pub use metrics::HttpMetrics;
 pub use state::{AppState, ServerConfig};

@@ -4,10 +4,11 @@
 use std::any::Any;
 
 use axum::extract::{MatchedPath, Request, State};
-use axum::http::{HeaderValue, Method, StatusCode, header};
+use axum::http::{Method, StatusCode, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 
+use crate::access::{AuditEntry, Caller, service_of_path};
 use crate::envelope::{ApiError, respond};
 use crate::state::AppState;
 
@@ -45,62 +46,10 @@ pub(crate) fn panic_response(panic: Box<dyn Any + Send + 'static>) -> Response {
     .into_response()
 }
 
-/// Requires `Authorization: Bearer <token>` on every request that can change state when a token
-/// is configured. Reads (GET, HEAD, OPTIONS) stay open: the real client polls status unauthenticated.
-/// `None` when the request may pass, else the 401 to answer.
-fn check_token(state: &AppState, request: &Request) -> Option<Response> {
-    let expected = state.auth_token()?;
-    if matches!(
-        *request.method(),
-        Method::GET | Method::HEAD | Method::OPTIONS
-    ) {
-        return None;
-    }
-    let presented = request
-        .headers()
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(bearer_token);
-    match presented {
-        Some(token) if constant_time_eq(token.as_bytes(), expected.as_bytes()) => None,
-        _ => {
-            let mut response = ApiError::new(
-                StatusCode::UNAUTHORIZED,
-                "unauthorized: this request needs the header 'Authorization: Bearer <token>'",
-            )
-            .into_response();
-            response
-                .headers_mut()
-                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
-            Some(response)
-        }
-    }
-}
-
-/// The token of an `Authorization: Bearer <token>` value (the scheme is case-insensitive).
-fn bearer_token(value: &str) -> Option<&str> {
-    let (scheme, token) = value.split_once(' ')?;
-    scheme
-        .eq_ignore_ascii_case("bearer")
-        .then(|| token.trim())
-        .filter(|t| !t.is_empty())
-}
-
-/// Compares without an early exit, so the time taken does not reveal how much of a guess was right.
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    let mut diff = a.len() ^ b.len();
-    for i in 0..a.len().max(b.len()) {
-        let x = a.get(i).copied().unwrap_or(0);
-        let y = b.get(i).copied().unwrap_or(0);
-        diff |= usize::from(x ^ y);
-    }
-    std::hint::black_box(diff) == 0
-}
-
-/// The edge of every request: refuses mutating requests without the token (when one is
-/// configured), counts the request under its route template, and wraps any error response that
-/// is not JSON (axum's own rejections, a body-limit error) in the envelope, so no client sees an
-/// empty or plain-text error.
+/// The edge of every request: refuses what the caller's token does not allow (see
+/// [`crate::access`]), counts the request under its route template, wraps any error response
+/// that is not JSON (axum's own rejections, a body-limit error) in the envelope, so no client
+/// sees an empty or plain-text error, and writes changing requests to the audit log.
 pub(crate) async fn edge(State(state): State<AppState>, request: Request, next: Next) -> Response {
     let metrics = state.metrics();
     let route = metrics.route_index(
@@ -110,7 +59,16 @@ pub(crate) async fn edge(State(state): State<AppState>, request: Request, next: 
             .map(MatchedPath::as_str),
     );
     let method = request.method().clone();
-    let response = match check_token(&state, &request) {
+    let changing = !matches!(method, Method::GET | Method::HEAD | Method::OPTIONS);
+    // Only changing requests pay for the audit (the status GET is the hot path).
+    let audited = (changing && state.access().auditing()).then(|| {
+        request
+            .uri()
+            .path_and_query()
+            .map_or_else(|| request.uri().path().to_string(), ToString::to_string)
+    });
+    let (caller, refused) = state.access().authorize(&method, request.headers());
+    let response = match refused {
         Some(refused) => refused,
         None => next.run(request).await,
     };
@@ -119,7 +77,51 @@ pub(crate) async fn edge(State(state): State<AppState>, request: Request, next: 
     } else {
         response
     };
+    let response = match audited {
+        Some(path) => audit(&state, &method, &path, caller.as_ref(), response).await,
+        None => response,
+    };
     metrics.record(route, &method, response.status());
+    response
+}
+
+/// Writes one changing request to the audit log. A successful deploy's service id is only in
+/// its answer, so that small body is read and put back.
+async fn audit(
+    state: &AppState,
+    method: &Method,
+    path: &str,
+    caller: Option<&Caller>,
+    response: Response,
+) -> Response {
+    let status = response.status();
+    let (response, deployed) = if status.is_success() && path.starts_with("/api/v1/modserv/deploy")
+    {
+        let (parts, body) = response.into_parts();
+        let bytes = axum::body::to_bytes(body, 64 * 1024)
+            .await
+            .unwrap_or_default();
+        let id = serde_json::from_slice::<serde_json::Value>(&bytes)
+            .ok()
+            .and_then(|v| v["data"]["serviceId"].as_str().map(str::to_string));
+        (
+            Response::from_parts(parts, axum::body::Body::from(bytes)),
+            id,
+        )
+    } else {
+        (response, None)
+    };
+    state.access().audit(&AuditEntry {
+        time: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+        who: caller.map_or("anonymous", |c| c.name.as_str()),
+        role: caller.map(|c| c.role),
+        method: method.as_str(),
+        path,
+        service_id: deployed
+            .as_deref()
+            .or_else(|| service_of_path(path.split('?').next().unwrap_or(path))),
+        status: status.as_u16(),
+    });
     response
 }
 
@@ -161,21 +163,4 @@ async fn ensure_envelope(response: Response) -> Response {
         }
     }
     wrapped
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn bearer_tokens_are_parsed_and_compared_exactly() {
-        assert_eq!(bearer_token("Bearer abc"), Some("abc"));
-        assert_eq!(bearer_token("bearer  abc "), Some("abc"));
-        assert_eq!(bearer_token("Basic abc"), None);
-        assert_eq!(bearer_token("Bearer "), None);
-        assert!(constant_time_eq(b"secret", b"secret"));
-        assert!(!constant_time_eq(b"secret", b"secreT"));
-        assert!(!constant_time_eq(b"secret", b"secret2"));
-        assert!(!constant_time_eq(b"", b"x"));
-    }
 }

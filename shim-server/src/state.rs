@@ -7,6 +7,7 @@ use std::time::Duration;
 use shim_core::Engine;
 use tokio_util::sync::CancellationToken;
 
+use crate::access::{Access, ApiToken};
 use crate::metrics::HttpMetrics;
 
 /// Settings of the HTTP layer (the engine has its own).
@@ -15,7 +16,15 @@ pub struct ServerConfig {
     /// Largest request body accepted; larger ones get a 413 envelope. Default 1 MiB.
     pub body_limit_bytes: usize,
     /// When set, POST, PUT and DELETE need `Authorization: Bearer <token>`; GETs stay open.
+    /// An operator token named `admin` in the audit log.
     pub auth_token: Option<String>,
+    /// Tokens with roles: viewers read, operators also change.
+    pub tokens: Vec<ApiToken>,
+    /// Reads need a token too (viewer or operator). Off by default: the existing client polls
+    /// status without one.
+    pub protect_reads: bool,
+    /// Where changing requests are recorded as JSON lines; `None` records nothing.
+    pub audit_log: Option<PathBuf>,
     /// Directory that `GET /api/v1/modserv/list` lists; `None` uses the engine's `model_root`.
     pub model_root: Option<PathBuf>,
     /// How long [`serve`](crate::serve) waits for requests in flight after the shutdown signal.
@@ -27,6 +36,9 @@ impl Default for ServerConfig {
         Self {
             body_limit_bytes: 1024 * 1024,
             auth_token: None,
+            tokens: Vec::new(),
+            protect_reads: false,
+            audit_log: None,
             model_root: None,
             shutdown_grace: Duration::from_secs(10),
         }
@@ -41,7 +53,7 @@ pub struct AppState {
 
 struct Inner {
     engine: Engine,
-    auth_token: Option<String>,
+    access: Access,
     body_limit: usize,
     model_root: PathBuf,
     shutdown_grace: Duration,
@@ -55,7 +67,7 @@ impl std::fmt::Debug for AppState {
         // The token is a secret: say only whether there is one.
         f.debug_struct("AppState")
             .field("engine", &self.inner.engine)
-            .field("auth", &self.inner.auth_token.is_some())
+            .field("auth", &self.inner.access.enabled())
             .field("body_limit", &self.inner.body_limit)
             .field("model_root", &self.inner.model_root)
             .finish_non_exhaustive()
@@ -64,25 +76,40 @@ impl std::fmt::Debug for AppState {
 
 impl AppState {
     /// State for a router over `engine`.
+    ///
+    /// # Panics
+    /// When the audit log cannot be opened; [`AppState::try_new`] returns the error instead.
     pub fn new(engine: Engine, config: ServerConfig) -> Self {
+        Self::try_new(engine, config).expect("opening the audit log")
+    }
+
+    /// State for a router over `engine`.
+    ///
+    /// # Errors
+    /// When the audit log cannot be created or opened for appending.
+    pub fn try_new(engine: Engine, config: ServerConfig) -> std::io::Result<Self> {
         let model_root = config
             .model_root
             .unwrap_or_else(|| engine.config().model_root.clone());
         // `/list` answers with absolute paths, the same ones validation checks against.
         let model_root = shim_core::spec::absolute(&model_root);
-        // An empty token would let anyone in with `Authorization: Bearer `; treat it as unset.
-        let auth_token = config.auth_token.filter(|t| !t.is_empty());
-        Self {
+        let access = Access::new(
+            config.auth_token,
+            config.tokens,
+            config.protect_reads,
+            config.audit_log.as_deref(),
+        )?;
+        Ok(Self {
             inner: Arc::new(Inner {
                 engine,
-                auth_token,
+                access,
                 body_limit: config.body_limit_bytes,
                 model_root,
                 shutdown_grace: config.shutdown_grace,
                 metrics: Arc::new(HttpMetrics::new()),
                 stopping: CancellationToken::new(),
             }),
-        }
+        })
     }
 
     /// The engine behind the API.
@@ -95,9 +122,9 @@ impl AppState {
         &self.inner.metrics
     }
 
-    /// The bearer token mutating requests need, if any.
-    pub(crate) fn auth_token(&self) -> Option<&str> {
-        self.inner.auth_token.as_deref()
+    /// Tokens, roles and the audit log.
+    pub(crate) fn access(&self) -> &Access {
+        &self.inner.access
     }
 
     pub(crate) fn body_limit(&self) -> usize {
