@@ -500,6 +500,14 @@ fn an_operator_deploys_watches_reads_logs_chats_and_deletes_in_a_real_browser() 
 
         // The playground: a streamed answer through the gateway, token by token.
         // From the running service straight to the playground, its model chosen.
+        // (The link shows while the service runs; the scale-up above converges first.)
+        b.until(
+            "document.querySelector(\"#main a[href^='#/playground']:not([hidden])\") \
+             && document.querySelector('#service-facts .status')?.textContent === 'running'",
+            "the service running again with two replicas",
+            60,
+        )
+        .await;
         b.click("#main a[href^='#/playground']").await;
         if gateway {
             // Refused without the key; with it, the list opens.

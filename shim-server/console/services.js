@@ -40,8 +40,10 @@ export function render(main) {
       h('table', { id: 'services-table' },
         h('caption', { class: 'skip' }, 'Services and their status'),
         h('thead', {}, h('tr', {},
-          ['Status', 'Service', 'Model', 'Engine', 'Ready', 'Endpoint', 'Reason', 'Replicas', ''].map((t, i) =>
-            h('th', { scope: 'col', class: i === 3 || i === 6 ? 'hide-narrow' : undefined }, t)))),
+          ['Status', 'Service', 'Model', 'Engine', 'Ready', 'Endpoint', 'Reason', 'Replicas'].map((t, i) =>
+            h('th', { scope: 'col', class: i === 3 || i === 6 ? 'hide-narrow' : undefined }, t)),
+          // Named for screen readers; the buttons say what they do.
+          h('th', { scope: 'col' }, h('span', { class: 'sr-only' }, 'Actions')))),
         tbody)),
     empty,
     h('div', { class: 'pager' }, prev, pageInfo, next));
@@ -54,7 +56,8 @@ export function render(main) {
 
   // Draws the current page, reusing row elements so a focused input survives updates.
   function draw() {
-    const all = [...services.values()];
+    // Newest first: the API lists oldest first, and services seen later are added at the end.
+    const all = [...services.values()].reverse();
     const visible = all.filter(matches);
     const pages = Math.max(1, Math.ceil(visible.length / PAGE_SIZE));
     page = Math.min(Math.max(page, 0), pages - 1);
