@@ -1,9 +1,15 @@
-//! The web console in a real headless Chromium, driven over WebDriver (chromedriver): the real
-//! binary with the process runtime and the built-in mock engine, and an operator who deploys from
-//! the form, watches the service turn running without a reload, reads its logs, chats with it in
-//! the playground, visits every page and deletes it. The browser's console must stay free of
-//! errors. A screenshot of each page is saved (to `XMOD_SHIM_SCREENSHOTS` when set, else to the
-//! test's temporary directory).
+//! The web console in a real headless Chromium, driven over WebDriver (chromedriver), against the
+//! real binary with the process runtime and the built-in mock engine:
+//! - an operator deploys from the form, watches the service turn running without a reload, reads
+//!   and follows its logs, chats with it through the gateway (streamed token by token), scales
+//!   it, visits every page and deletes it;
+//! - a thousand services stay quick to filter and page, a change asks for the operator token,
+//!   and the dark theme switches on;
+//! - the deploy form shows the memory estimate and the GPUs page the inventory (fake nvidia-smi).
+//!
+//! On every test the browser's console must stay free of errors, and each page passes an
+//! accessibility audit (labels, names, contrast). A screenshot of each page is saved (to
+//! `XMOD_SHIM_SCREENSHOTS` when set, else to the test's temporary directory).
 //!
 //! Chromium and chromedriver come from the Debian packages `chromium` and `chromium-driver`
 //! (`cargo xtask ci` installs them). Under `CI=true` their absence fails the test; elsewhere the
