@@ -1160,6 +1160,7 @@ fn the_deploy_form_shows_the_memory_estimate_and_the_gpus_page_the_inventory() {
                 .contains("needs 81.0 GiB per GPU"),
             "{state}"
         );
+        b.audit("deploy-does-not-fit").await;
         b.shot("deploy-does-not-fit").await;
 
         // A context that fits: preview, then deploy.
@@ -1173,6 +1174,7 @@ fn the_deploy_form_shows_the_memory_estimate_and_the_gpus_page_the_inventory() {
             30,
         )
         .await;
+        b.audit("deploy-fits").await;
         b.shot("deploy-fits").await;
         b.click("#deploy-confirm").await;
         let hash = b
@@ -1215,6 +1217,7 @@ fn the_deploy_form_shows_the_memory_estimate_and_the_gpus_page_the_inventory() {
             table.contains("80.0 GiB") && table.contains("llama-8b"),
             "{table}"
         );
+        b.audit("gpus-inventory").await;
         b.shot("gpus-inventory").await;
 
         b.collect_log().await;
