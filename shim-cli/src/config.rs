@@ -309,6 +309,32 @@ mod tests {
     }
 
     #[test]
+    fn fit_check_is_read_from_yaml_or_env_and_a_bad_value_names_the_key() {
+        figment::Jail::expect_with(|jail| {
+            let s = Settings::load(None, serde_json::json!({})).expect("loads");
+            assert_eq!(s.engine_config().fit_check, shim_core::FitCheck::Enforce);
+            jail.create_file("fit.yaml", "engine:\n  fitCheck: warn\n")?;
+            let s = Settings::load(
+                Some(std::path::Path::new("fit.yaml")),
+                serde_json::json!({}),
+            )
+            .expect("loads");
+            assert_eq!(s.engine_config().fit_check, shim_core::FitCheck::Warn);
+            jail.set_env("XMOD_SHIM_ENGINE__FITCHECK", "off");
+            let s = Settings::load(None, serde_json::json!({})).expect("loads");
+            assert_eq!(s.engine_config().fit_check, shim_core::FitCheck::Off);
+            jail.set_env("XMOD_SHIM_ENGINE__FITCHECK", "strict");
+            let err = format!(
+                "{:#}",
+                Settings::load(None, serde_json::json!({})).unwrap_err()
+            );
+            assert!(err.to_ascii_lowercase().contains("fitcheck"), "{err}");
+            assert!(err.contains("enforce"), "{err}");
+            Ok(())
+        });
+    }
+
+    #[test]
     fn a_wrong_type_names_the_key() {
         figment::Jail::expect_with(|jail| {
             jail.create_file("bad.yaml", "service:\n  port: lots\n")?;
