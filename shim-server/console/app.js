@@ -56,7 +56,11 @@ function applyTheme() {
   themeButton.setAttribute('aria-pressed', String(dark));
 }
 themeButton.addEventListener('click', () => {
-  localStorage.setItem(THEME_KEY, effectiveDark() ? 'light' : 'dark');
+  const want = effectiveDark() ? 'light' : 'dark';
+  const system = matchMedia('(prefers-color-scheme: dark)').matches ? 'dark' : 'light';
+  // Back to the system's choice when the toggle lands on it, so it follows the system again.
+  if (want === system) localStorage.removeItem(THEME_KEY);
+  else localStorage.setItem(THEME_KEY, want);
   applyTheme();
 });
 matchMedia('(prefers-color-scheme: dark)').addEventListener('change', applyTheme);
