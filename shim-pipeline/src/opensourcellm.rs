@@ -782,3 +782,135 @@ mod tests {
         );
     }
 }
+
+#[cfg(test)]
+mod admission_tests {
+    use std::io::Write as _;
+
+    use shim_core::{EngineConfig, GpuAllocator};
+
+    use super::*;
+
+    /// A GGUF header for a llama of 32 layers, 32 heads, 8 KV heads of 128 (width 4096), trained
+    /// on 8192 tokens, vocabulary 32000, with one F16 tensor of `params` elements; the data is a
+    /// sparse hole, so only the header takes disk space.
+    fn write_gguf(path: &Path, params: u64) {
+        fn string(out: &mut Vec<u8>, s: &str) {
+            out.extend((s.len() as u64).to_le_bytes());
+            out.extend(s.as_bytes());
+        }
+        let mut h = b"GGUF".to_vec();
+        h.extend(3u32.to_le_bytes());
+        h.extend(1u64.to_le_bytes()); // tensors
+        let kv: [(&str, u32); 7] = [
+            ("llama.block_count", 32),
+            ("llama.attention.head_count", 32),
+            ("llama.attention.head_count_kv", 8),
+            ("llama.embedding_length", 4096),
+            ("llama.context_length", 8192),
+            ("llama.vocab_size", 32_000),
+            ("llama.feed_forward_length", 14_336),
+        ];
+        h.extend((kv.len() as u64 + 1).to_le_bytes());
+        string(&mut h, "general.architecture");
+        h.extend(8u32.to_le_bytes());
+        string(&mut h, "llama");
+        for (key, value) in kv {
+            string(&mut h, key);
+            h.extend(4u32.to_le_bytes()); // u32
+            h.extend(value.to_le_bytes());
+        }
+        string(&mut h, "weights");
+        h.extend(1u32.to_le_bytes());
+        h.extend(params.to_le_bytes());
+        h.extend(1u32.to_le_bytes()); // F16
+        h.extend(0u64.to_le_bytes());
+        let data_start = h.len().div_ceil(32) * 32;
+        let mut f = std::fs::File::create(path).unwrap();
+        f.write_all(&h).unwrap();
+        f.set_len(data_start as u64 + params * 2).unwrap();
+    }
+
+    fn fake_smi(dir: &Path, rows: &str) -> PathBuf {
+        std::fs::write(dir.join("gpus.csv"), rows).unwrap();
+        let script = dir.join("nvidia-smi");
+        let body = format!("#!/bin/sh\ncat '{}'\n", dir.join("gpus.csv").display());
+        std::fs::write(&script, body).unwrap();
+        use std::os::unix::fs::PermissionsExt as _;
+        std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
+        script
+    }
+
+    #[tokio::test]
+    async fn the_hook_estimates_a_gguf_for_llama_cpp_and_compares_it_with_the_gpus() {
+        let root = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(root.path().join("llama/")).unwrap();
+        // 7 G parameters in F16: 13.04 GiB of weights.
+        write_gguf(&root.path().join("llama/model.gguf"), 7_000_000_000);
+        std::fs::create_dir_all(root.path().join("empty")).unwrap();
+        let config = EngineConfig {
+            model_root: root.path().to_path_buf(),
+            ..EngineConfig::default()
+        };
+        let pipeline = build(&config.plugin_settings()).unwrap();
+        let smi = fake_smi(
+            root.path(),
+            "0, GPU-a, Big, 24576, 0\n1, GPU-b, Small, 12288, 0\n",
+        );
+        let gpus = Arc::new(GpuAllocator::with_inventory(None, false, &smi));
+        let ask = |model: &str, context: i64, gpus_asked: i64| AdmissionRequest {
+            service_id: None,
+            spec: serde_json::from_value(serde_json::json!({
+                "modelName": model, "engine": "llama-cpp-python", "contextLength": context,
+                "resourceRequirements": {"acceleratorCount": gpus_asked}
+            }))
+            .unwrap(),
+            gpus: gpus.clone(),
+        };
+
+        let verdict = pipeline.admit(ask("llama", 4096, 1)).await.unwrap();
+        let e = verdict.estimate.expect("an estimate");
+        assert_eq!(e.fits, Some(true), "{}", e.message);
+        assert_eq!(e.weights_bytes, 14_000_000_000);
+        // 2 × 32 layers × 8 KV heads × 128 × 2 bytes × 4096 tokens = 512 MiB.
+        assert_eq!(e.kv_cache_bytes, 512 << 20);
+        assert_eq!(e.context_length, 4096);
+        assert!(e.max_context_length.unwrap() >= 8192, "{e:?}");
+        let need = verdict.need.expect("a need for placement");
+        assert_eq!(need.bytes, e.per_gpu_bytes);
+
+        // On two GPUs (layer split) it needs 6.5 GiB of weights each, but the second GPU has
+        // 12 GiB: it fits; 3 GPUs are more than the host has.
+        let two = pipeline.admit(ask("llama", 4096, 2)).await.unwrap();
+        assert_eq!(two.estimate.unwrap().fits, Some(true));
+        let three = pipeline.admit(ask("llama", 4096, 3)).await.unwrap();
+        let e = three.estimate.unwrap();
+        assert_eq!(e.fits, Some(false));
+        assert!(
+            e.message.contains("on 3 GPUs but 2 of the 2 free GPUs"),
+            "{}",
+            e.message
+        );
+
+        // A CPU run is estimated but not checked; a directory without model files has no
+        // estimate and says why.
+        let cpu = pipeline.admit(ask("llama", 4096, 0)).await.unwrap();
+        assert_eq!(cpu.estimate.unwrap().fits, None);
+        assert!(cpu.need.is_none());
+        let empty = pipeline.admit(ask("empty", 4096, 1)).await.unwrap();
+        assert!(empty.estimate.is_none());
+        assert!(empty.note.unwrap().contains("no .gguf or .safetensors"));
+
+        // The mock engine has no memory profile: nothing to estimate, nothing to warn about.
+        let mut mock = ask("llama", 4096, 1);
+        mock.spec.engine = Some("mock".into());
+        let verdict = pipeline.admit(mock).await.unwrap();
+        assert!(verdict.estimate.is_none() && verdict.note.is_none());
+
+        // Scaled to zero holds no GPU.
+        let mut zero = ask("llama", 4096, 1);
+        zero.spec.replica_count = Some(0);
+        let e = pipeline.admit(zero).await.unwrap().estimate.unwrap();
+        assert_eq!(e.fits, None);
+    }
+}
