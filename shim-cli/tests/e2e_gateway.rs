@@ -218,3 +218,104 @@ fn the_official_openai_python_sdk_works_against_the_gateway() {
     );
     assert!(String::from_utf8_lossy(&out.stdout).contains("openai sdk: ok"));
 }
+
+/// The llama.cpp python: `XMOD_SHIM_LLAMA_PYTHON`, set by `cargo xtask ci` (by hand:
+/// `XMOD_SHIM_LLAMA_PYTHON=$(cargo xtask llama-env)`). Under CI its absence fails.
+fn llama_python() -> Option<PathBuf> {
+    let Some(python) = std::env::var_os("XMOD_SHIM_LLAMA_PYTHON") else {
+        assert!(
+            std::env::var("CI").is_err(),
+            "XMOD_SHIM_LLAMA_PYTHON is not set: CI runs the tests through `cargo xtask ci`, which sets it"
+        );
+        return None;
+    };
+    let python = PathBuf::from(python);
+    let ok = Command::new(&python)
+        .args(["-c", "import llama_cpp.server, gguf"])
+        .status()
+        .is_ok_and(|s| s.success());
+    assert!(
+        ok,
+        "XMOD_SHIM_LLAMA_PYTHON={} cannot import llama_cpp.server and gguf",
+        python.display()
+    );
+    Some(python)
+}
+
+#[test]
+fn real_llama_cpp_with_two_replicas_streams_through_the_gateway() {
+    let Some(python) = llama_python() else {
+        eprintln!(
+            "SKIPPED: set XMOD_SHIM_LLAMA_PYTHON=$(cargo xtask llama-env), or run `cargo xtask ci`"
+        );
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let models = dir.path().join("models");
+    let _reaper = Reaper {
+        marker: models.display().to_string(),
+    };
+    std::fs::create_dir_all(models.join("tiny")).unwrap();
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../xtask/tiny_model.py");
+    let status = Command::new(&python)
+        .arg(script)
+        .arg(models.join("tiny/tiny.gguf"))
+        .status()
+        .unwrap();
+    assert!(status.success(), "writing the tiny model failed");
+    let config = dir.path().join("shim.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "engines:\n  llama-cpp-python:\n    command: [\"{}\", \"-m\", \"llama_cpp.server\"]\n    startupTimeoutSecs: 120\n",
+            python.display()
+        ),
+    )
+    .unwrap();
+    let data = dir.path().join("data");
+    let shim = Shim::start_with(
+        &data,
+        &models,
+        free_port(),
+        &["--config", config.to_str().unwrap()],
+    );
+    let id = deploy(
+        &shim,
+        json!({ "modelName": "tiny", "engine": "llamacpp", "contextLength": 256, "replicaCount": 2 }),
+    );
+    let (status, seen) = wait_status(&shim, &id, 180, |d| {
+        d["status"] == "running" || d["status"] == "failed"
+    });
+    assert_eq!(
+        status["status"],
+        "running",
+        "{status}; seen {seen:?}; log:\n{}",
+        read_log(&data)
+    );
+
+    for _ in 0..6 {
+        let mut response = client()
+            .post(shim.url("/v1/chat/completions"))
+            .json(&json!({"model": "tiny", "stream": true, "max_tokens": 8,
+                          "messages": [{"role": "user", "content": "hi"}]}))
+            .send()
+            .unwrap();
+        assert_eq!(response.status(), 200);
+        let mut body = String::new();
+        response.read_to_string(&mut body).unwrap();
+        let events: Vec<&str> = body
+            .lines()
+            .filter_map(|l| l.strip_prefix("data: "))
+            .collect();
+        assert!(events.len() >= 2, "{body}");
+        assert!(events[0].contains("chat.completion.chunk"), "{body}");
+        assert_eq!(events.last(), Some(&"[DONE]"));
+    }
+    let text = metrics(&shim);
+    let replicas = text
+        .lines()
+        .filter(|l| l.starts_with("xmod_shim_gateway_replica_requests_total{model=\"tiny\""))
+        .filter(|l| !l.ends_with(" 0"))
+        .count();
+    assert_eq!(replicas, 2, "both llama.cpp replicas served: {text}");
+}

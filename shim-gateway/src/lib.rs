@@ -446,6 +446,15 @@ async fn forward(
     let mut resolution = balance::resolve(&inner.engine, &model);
     if let Resolution::Starting { served, .. } = &resolution {
         let served = served.clone();
+        // A key that may not use the model is refused now, not after the wait.
+        if let Some(key) = key
+            && !key.allows(&served, std::slice::from_ref(&model))
+        {
+            return Err(Refusal {
+                error: GatewayError::forbidden(&model),
+                model: Some(served),
+            });
+        }
         let metrics = inner.metrics.model(&served);
         resolution = gateway
             .wait_until_ready(&model, &served, &metrics)

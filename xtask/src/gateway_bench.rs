@@ -120,7 +120,16 @@ fn nofile_limit() -> usize {
         .unwrap_or(1024)
 }
 
-pub fn run(_args: &[String]) -> anyhow::Result<()> {
+/// `args`: `--no-build` uses the release binaries already built (e.g. while the tree does not
+/// compile).
+pub fn run(args: &[String]) -> anyhow::Result<()> {
+    if !args.iter().any(|a| a == "--no-build") {
+        build()?;
+    }
+    measure_all()
+}
+
+fn build() -> anyhow::Result<()> {
     super::cargo(&[
         "build",
         "--release",
@@ -132,7 +141,10 @@ pub fn run(_args: &[String]) -> anyhow::Result<()> {
         "shim-gateway",
         "--example",
         "loadgen",
-    ])?;
+    ])
+}
+
+fn measure_all() -> anyhow::Result<()> {
     let release = target_dir().join("release");
     let shim = release.join("model-serve-shim");
     let loadgen = release.join("examples").join("loadgen");
