@@ -37,6 +37,12 @@ impl InstantShimlet {
         shimlet
     }
 
+    /// Sends later change notifications to `notifier` (an engine built again over this same
+    /// runtime, as after a restart).
+    pub fn set_notifier(&self, notifier: Notifier) {
+        *self.notifier.lock().expect("lock") = Some(notifier);
+    }
+
     /// Marks a workload as exited with `message`.
     pub fn crash(&self, service_id: &str, message: &str) {
         if let Some(w) = self.workloads.lock().expect("lock").get_mut(service_id) {
