@@ -318,6 +318,22 @@ fn measure(
         rows.push((name, chat, stream));
     }
     let rss_after = rss_mib(server_pid);
+    // One connection: the proxy's own added latency, without queueing behind 63 others for a
+    // CPU (on a small machine the 64-connection figures are mostly that queueing).
+    let mut single = Vec::new();
+    for (name, target) in [
+        ("direct (1 replica)", replicas[0].as_str()),
+        ("nginx least_conn", nginx_addr.as_str()),
+        ("xmod-shim gateway", addr),
+    ] {
+        let chat = load(target, "bench", "chat", 1)?;
+        let stream = load(target, "bench", "stream", 1)?;
+        println!(
+            "{name:20} 1 conn chat:   {chat}\n{:20} 1 conn stream: {stream}",
+            ""
+        );
+        single.push((chat, stream));
+    }
 
     let limit = nofile_limit();
     // Client socket + replica socket per stream, plus headroom for everything else.
@@ -348,6 +364,16 @@ fn measure(
     );
     println!("added p50 latency: gateway {added_p50:.3} ms, nginx {nginx_p50:.3} ms");
     println!("added TTFB p99 (streams): gateway {added_ttfb:.3} ms, nginx {nginx_ttfb:.3} ms");
+    let added = |row: usize, text: fn(&(String, String)) -> &String, key: &str| {
+        (field(text(&single[row]), key) - field(text(&single[0]), key)) / 1000.0
+    };
+    println!(
+        "1 connection: added p50 gateway {:.3} ms, nginx {:.3} ms; added TTFB p99 gateway {:.3} ms, nginx {:.3} ms",
+        added(2, |r| &r.0, "p50_us"),
+        added(1, |r| &r.0, "p50_us"),
+        added(2, |r| &r.1, "ttfb_p99_us"),
+        added(1, |r| &r.1, "ttfb_p99_us"),
+    );
     println!(
         "idle streams held: {} of {idle}; server RSS while holding {:.1} MiB",
         field(&held, "held"),
