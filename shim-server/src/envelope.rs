@@ -5,7 +5,7 @@ use std::borrow::Cow;
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde::Serialize;
-use shim_core::Error;
+use shim_core::{Error, FailureReason};
 
 /// The body of every JSON response. `code` is `0` on success and the HTTP status otherwise;
 /// `data` is left out when there is none.
@@ -109,6 +109,13 @@ impl From<Error> for ApiError {
             // Nothing was applied (the engine rolls back); the client may retry once there is
             // room.
             Error::Store(_) if err.is_storage_full() => StatusCode::INSUFFICIENT_STORAGE,
+            // Logs of a service whose workload does not exist (yet, or any more).
+            Error::Shimlet(e) if e.reason == FailureReason::WorkloadMissing => {
+                StatusCode::NOT_FOUND
+            }
+            Error::Shimlet(e) if e.reason == FailureReason::RuntimeUnavailable => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             _ => StatusCode::INTERNAL_SERVER_ERROR,
         };
         let data = match &err {

@@ -7,16 +7,20 @@
 //! - `llama-env`: creates (or reuses) the Python virtualenv with llama-cpp-python's server and
 //!   the `gguf` package, and prints its interpreter.
 //! - `tiny-model <dir>`: writes a tiny random-weight llama GGUF model for real-engine tests.
+//! - `fuzz-api [--examples N]`: schemathesis against docs/openapi.yaml on a live server, longer
+//!   than CI's bounded run (default 500 examples per operation).
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use anyhow::{Context as _, bail};
 
+mod api_fuzz;
 mod browser;
 mod docker_image;
 mod gateway_bench;
 mod openai_env;
+mod venv;
 
 fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -29,13 +33,14 @@ fn main() -> anyhow::Result<()> {
         "docker-image" => docker_image::run(&args[1..]),
         "llama-env" => llama_env().map(|python| println!("{}", python.display())),
         "openai-env" => openai_env::python().map(|python| println!("{}", python.display())),
+        "fuzz-api" => api_fuzz::run(&args[1..]),
         "tiny-model" => {
             let dir = args.get(1).context("usage: cargo xtask tiny-model DIR")?;
             tiny_model(Path::new(dir))
         }
         "help" | "--help" | "-h" => {
             println!(
-                "usage: cargo xtask <ci | bench [gateway] | docker-image | llama-env | openai-env | tiny-model DIR>"
+                "usage: cargo xtask <ci | bench [gateway] | docker-image | llama-env | openai-env | fuzz-api [--examples N] | tiny-model DIR>"
             );
             Ok(())
         }
@@ -85,6 +90,8 @@ fn ci() -> anyhow::Result<()> {
     let python = llama_env()?;
     // The gateway's OpenAI SDK test runs the official `openai` package from this virtualenv.
     let openai_python = openai_env::python()?;
+    // The bounded schemathesis run against docs/openapi.yaml.
+    let schemathesis = api_fuzz::st()?;
     // The web console's browser test drives Chromium; it fails under CI without it.
     browser::ensure_chromium()?;
     cargo_with(
@@ -92,6 +99,7 @@ fn ci() -> anyhow::Result<()> {
         &[
             ("XMOD_SHIM_LLAMA_PYTHON", python.as_path()),
             ("XMOD_SHIM_OPENAI_PYTHON", openai_python.as_path()),
+            ("XMOD_SHIM_SCHEMATHESIS", schemathesis.as_path()),
         ],
     )?;
     Ok(())
