@@ -138,6 +138,20 @@ pub struct EngineSection {
     pub share_gpus: bool,
     /// `enforce` (refuse requests that do not fit the GPUs, 422), `warn` or `off`.
     pub fit_check: shim_core::FitCheck,
+    /// Where desired state lives: `redb` (a file in `dataDir`) or `kubernetes` (ModelService
+    /// resources in the namespace of `shimlets.k8s`).
+    pub store: StoreKind,
+}
+
+/// `engine.store`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StoreKind {
+    /// `<dataDir>/state.redb`.
+    #[default]
+    Redb,
+    /// ModelService resources (`deploy/crds/modelservices.yaml` must be installed).
+    Kubernetes,
 }
 
 impl Default for EngineSection {
@@ -157,6 +171,7 @@ impl Default for EngineSection {
             gpus: core.gpus,
             share_gpus: core.share_gpus,
             fit_check: core.fit_check,
+            store: StoreKind::default(),
         }
     }
 }

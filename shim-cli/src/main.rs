@@ -60,6 +60,9 @@ pub struct ServeArgs {
     /// Engine preset for requests that name none [config: engine.defaultEngine; default vllm].
     #[arg(long)]
     pub default_engine: Option<String>,
+    /// Where desired state lives: redb or kubernetes [config: engine.store; default redb].
+    #[arg(long)]
+    pub store: Option<String>,
 }
 
 impl ServeArgs {
@@ -98,6 +101,9 @@ impl ServeArgs {
         }
         if let Some(v) = &self.default_engine {
             set("engine", "defaultEngine", v.as_str().into());
+        }
+        if let Some(v) = &self.store {
+            set("engine", "store", v.as_str().into());
         }
         tree
     }

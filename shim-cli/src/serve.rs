@@ -5,11 +5,11 @@ use std::sync::Arc;
 
 use anyhow::Context as _;
 use shim_core::Engine;
-use shim_core::store::RedbStore;
+use shim_core::store::{RedbStore, Store};
 use tracing_subscriber::EnvFilter;
 
 use crate::ServeArgs;
-use crate::config::{Logging, Settings};
+use crate::config::{Logging, Settings, StoreKind};
 
 /// Runs the server.
 pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
@@ -18,18 +18,41 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     let config = settings.engine_config();
     std::fs::create_dir_all(&config.data_dir)
         .with_context(|| format!("cannot create data directory {}", config.data_dir.display()))?;
-    let store_path = config.data_dir.join("state.redb");
-    // The store's errors name the file and say what to do.
-    let store =
-        RedbStore::open(&store_path, config.event_history).context("cannot open the store")?;
+    let (store, kube_store): (Arc<dyn Store>, _) = match settings.engine.store {
+        StoreKind::Redb => {
+            let store_path = config.data_dir.join("state.redb");
+            // The store's errors name the file and say what to do.
+            let store = RedbStore::open(&store_path, config.event_history)
+                .context("cannot open the store")?;
+            (Arc::new(store), None)
+        }
+        StoreKind::Kubernetes => {
+            // The same cluster settings as the k8s shimlet (kubeconfig, context, namespace).
+            let k8s: shim_shimlet_k8s::K8sConfig = serde_json::from_value(
+                settings
+                    .shimlets
+                    .get("k8s")
+                    .cloned()
+                    .unwrap_or_else(|| serde_json::json!({})),
+            )
+            .context("invalid shimlets.k8s section")?;
+            let store = shim_shimlet_k8s::store::KubeStore::connect(&k8s, config.event_history)
+                .await
+                .context("cannot open the Kubernetes store (engine.store: kubernetes)")?;
+            (Arc::new(store.clone()), Some(store))
+        }
+    };
     let engine = Engine::builder()
         .config(config)
-        .store(Arc::new(store))
+        .store(store)
         .shimlet(settings.plugins.default_shimlet.clone())
         .pipeline_named(settings.plugins.default_pipeline.clone())
         .build()
         .await
         .context("cannot start the engine")?;
+    if let Some(store) = kube_store {
+        adopt_loop(engine.clone(), store);
+    }
     let address = format!("{}:{}", settings.service.host, settings.service.port);
     let listener = tokio::net::TcpListener::bind(&address)
         .await
@@ -73,6 +96,28 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     tracing::info!("shutting down; workloads keep running and are re-adopted on the next start");
     engine.shutdown().await;
     Ok(())
+}
+
+/// Hands each ModelService someone else created (`kubectl apply`) to the engine; one it refuses
+/// is marked failed with the engine's words, so `kubectl get` shows why nothing runs.
+fn adopt_loop(engine: Engine, store: shim_shimlet_k8s::store::KubeStore) {
+    let Some(mut adoptions) = store.adoptions() else {
+        return;
+    };
+    tokio::spawn(async move {
+        while let Some(adoption) = adoptions.recv().await {
+            let id = adoption.id.clone();
+            match engine.adopt(adoption.id, adoption.spec).await {
+                Ok(()) => tracing::info!(%id, "adopted a ModelService"),
+                Err(err) => {
+                    tracing::warn!(%id, error = %err, "cannot adopt a ModelService");
+                    if let Err(err) = store.reject(&id, &err.to_string()).await {
+                        tracing::warn!(%id, error = %err, "cannot mark the ModelService failed");
+                    }
+                }
+            }
+        }
+    });
 }
 
 fn init_logging(logging: &Logging) -> anyhow::Result<()> {

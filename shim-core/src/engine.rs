@@ -1123,6 +1123,73 @@ impl Engine {
             observer,
         )
     }
+
+    /// Accepts a service under an id chosen elsewhere, as [`Engine::deploy`] would (validate,
+    /// admit, store, queue): for a store whose resources can be created behind the engine's back
+    /// (a `ModelService` made with `kubectl apply` is named by its id).
+    ///
+    /// # Errors
+    /// [`Error::Invalid`] for an id that is not a DNS label (1 to 63 lower-case letters, digits
+    /// and inner `-`: ids become object names) or a bad spec; [`Error::Config`] when the id is
+    /// already taken; store errors.
+    pub async fn adopt(&self, id: String, spec: DeploySpec) -> Result<()> {
+        self.accepting()?;
+        let dns_label = !id.is_empty()
+            && id.len() <= 63
+            && id
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+            && !id.starts_with('-')
+            && !id.ends_with('-');
+        if !dns_label {
+            return Err(Error::Invalid(vec![crate::spec::FieldError {
+                field: "id".into(),
+                message: format!(
+                    "{id:?} is not a DNS label (1-63 lower-case letters, digits and inner '-')"
+                ),
+            }]));
+        }
+        spec.validate(&self.inner.policy).map_err(Error::Invalid)?;
+        let verdict = self.admit(&spec, None, false).await?;
+        let ack = {
+            let mut services = self.inner.services.write().expect("services lock");
+            // A deleted record stays as history under its id; a new service may take the id over.
+            if services.get(&id).is_some_and(|r| r.is_live()) {
+                return Err(Error::Config(format!("service {id} already exists")));
+            }
+            let record = ServiceRecord::new(id.clone(), spec, Utc::now());
+            let ack = self.inner.store.save(&record);
+            self.emit(
+                &record,
+                EventKind::Accepted {
+                    action: "adopt".into(),
+                },
+            );
+            self.emit(
+                &record,
+                EventKind::Transition {
+                    from: None,
+                    to: Phase::Pending,
+                    trigger: None,
+                    reason: None,
+                    message: None,
+                },
+            );
+            services.insert(id.clone(), record);
+            ack
+        };
+        if let Err(err) = ack.await {
+            self.inner
+                .services
+                .write()
+                .expect("services lock")
+                .remove(&id);
+            return Err(err);
+        }
+        self.inner.gpus.set_need(&id, verdict.need);
+        self.inner.queue.add(&id);
+        Ok(())
+    }
 }
 
 /// Moves `record` through the FSM: new phase, the failure's reason and message (cleared when

@@ -42,12 +42,14 @@
 
 mod client;
 mod config;
+pub mod crd;
 mod errors;
 mod names;
 mod ratelimit;
 mod render;
 mod shimlet;
 pub mod status;
+pub mod store;
 mod view;
 
 use std::sync::Arc;

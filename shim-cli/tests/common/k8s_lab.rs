@@ -175,6 +175,10 @@ impl Lab {
                 "RoleBinding" => format!(
                     "/apis/rbac.authorization.k8s.io/v1/namespaces/{namespace}/rolebindings"
                 ),
+                // Cluster-scoped: `namespace` does not apply.
+                "CustomResourceDefinition" => {
+                    "/apis/apiextensions.k8s.io/v1/customresourcedefinitions".to_string()
+                }
                 other => panic!("{}: no collection known for kind {other}", file.display()),
             };
             self.create(&collection, &object);

@@ -1,0 +1,263 @@
+//! `--store kubernetes` against a real control plane (`shared/k8s-lab`): desired state kept in
+//! ModelService resources (`deploy/crds/modelservices.yaml`), written by the shim as the
+//! ServiceAccount of `deploy/rbac.yaml` (so the shipped RBAC is proven enough).
+//!
+//! One test, one lab: REST deploy → a ModelService with `status.phase: running` and Events for
+//! `kubectl describe`; a ModelService created as `kubectl apply` would → adopted, running,
+//! visible through REST; a shim restart → both still there (state from the cluster, no
+//! duplicate workloads); REST DELETE → the ModelService, Deployment and Service gone.
+
+mod common;
+#[path = "common/k8s_lab.rs"]
+mod k8s_lab;
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use common::{Shim, deploy, free_port, send, wait_status};
+use k8s_lab::Lab;
+use serde_json::{Value, json};
+
+const NAMESPACE: &str = "xmod-shim";
+
+fn manifest(path: &str) -> std::path::PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join(path)
+}
+
+fn wait_for<T>(what: &str, secs: u64, mut probe: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    loop {
+        if let Some(value) = probe() {
+            return value;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// A lab with the CRD installed (and Established), `deploy/rbac.yaml` applied, and a kubeconfig
+/// for the shim's ServiceAccount.
+fn lab_with_crd_and_rbac() -> (Lab, std::path::PathBuf) {
+    let lab = Lab::up();
+    lab.apply_file(NAMESPACE, &manifest("deploy/crds/modelservices.yaml"));
+    wait_for("the ModelService CRD to be Established", 30, || {
+        let crd = lab.get(
+            "/apis/apiextensions.k8s.io/v1/customresourcedefinitions/modelservices.xmod-shim.io",
+        );
+        crd["status"]["conditions"]
+            .as_array()?
+            .iter()
+            .any(|c| c["type"] == "Established" && c["status"] == "True")
+            .then_some(())
+    });
+    lab.namespace(NAMESPACE);
+    lab.apply_file(NAMESPACE, &manifest("deploy/rbac.yaml"));
+    let kubeconfig = lab.service_account_kubeconfig(NAMESPACE, "xmod-shim");
+    (lab, kubeconfig)
+}
+
+fn start_shim(dir: &Path, kubeconfig: &Path, port: u16) -> Shim {
+    let config = json!({
+        "plugins": {"defaultShimlet": "k8s"},
+        "pipelines": {"opensourcellm": {"checkModelDir": false}},
+        "shimlets": {"k8s": {"kubeConfig": kubeconfig, "namespace": NAMESPACE}},
+    });
+    let path = dir.join("shim.yaml");
+    std::fs::write(&path, serde_yaml::to_string(&config).unwrap()).unwrap();
+    Shim::start_with(
+        &dir.join("data"),
+        &dir.join("models"),
+        port,
+        &["--config", path.to_str().unwrap(), "--store", "kubernetes"],
+    )
+}
+
+fn mock(model: &str) -> Value {
+    json!({"modelName": model, "engine": "mock", "replicaCount": 1,
+           "resourceRequirements": {"acceleratorCount": 0}})
+}
+
+fn model_service_path(name: &str) -> String {
+    format!("/apis/xmod-shim.io/v1alpha1/namespaces/{NAMESPACE}/modelservices/{name}")
+}
+
+fn model_service(lab: &Lab, name: &str) -> Option<Value> {
+    let (code, body) = lab.request("GET", &model_service_path(name), None);
+    match code {
+        200 => Some(body),
+        404 => None,
+        other => panic!("GET modelservice {name}: {other} {body}"),
+    }
+}
+
+fn names(lab: &Lab, path: &str) -> Vec<String> {
+    let list = lab.get(path);
+    list["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|o| o["metadata"]["name"].as_str().unwrap().to_string())
+        .collect()
+}
+
+fn workloads_of(lab: &Lab, id: &str) -> (Vec<String>, Vec<String>) {
+    let suffix = format!("-{id}");
+    let keep = |v: Vec<String>| v.into_iter().filter(|n| n.ends_with(&suffix)).collect();
+    (
+        keep(names(
+            lab,
+            &format!("/apis/apps/v1/namespaces/{NAMESPACE}/deployments"),
+        )),
+        keep(names(
+            lab,
+            &format!("/api/v1/namespaces/{NAMESPACE}/services"),
+        )),
+    )
+}
+
+fn wait_model_service_running(lab: &Lab, name: &str) -> Value {
+    wait_for(&format!("ModelService {name} to read running"), 60, || {
+        let object = model_service(lab, name)?;
+        (object["status"]["phase"] == "running").then_some(object)
+    })
+}
+
+#[test]
+fn model_services_hold_desired_state_through_deploy_adoption_restart_and_delete() {
+    let (lab, kubeconfig) = lab_with_crd_and_rbac();
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let shim = start_shim(dir.path(), &kubeconfig, port);
+
+    // REST deploy → a ModelService named by the id, running, with the spec and the conditions.
+    let id = deploy(&shim, mock("demo"));
+    wait_status(&shim, &id, 60, |d| d["status"] == "running");
+    let object = wait_model_service_running(&lab, &id);
+    assert_eq!(object["spec"]["modelName"], "demo", "{object}");
+    assert_eq!(object["spec"]["engine"], "mock", "{object}");
+    assert_eq!(object["status"]["readyReplicas"], 1, "{object}");
+    assert!(
+        object["status"]["endpoint"]
+            .as_str()
+            .unwrap()
+            .ends_with("/v1/chat/completions"),
+        "{object}"
+    );
+    let ready = object["status"]["conditions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["type"] == "Ready")
+        .cloned()
+        .unwrap_or_default();
+    assert_eq!(ready["status"], "True", "{object}");
+    assert!(
+        object["metadata"]["annotations"]["xmod-shim.io/record"].is_string(),
+        "{object}"
+    );
+
+    // `kubectl describe` has the story: Events on the ModelService, up to running.
+    let reasons = wait_for("an Event saying Running", 30, || {
+        let events = lab.get(&format!(
+            "/api/v1/namespaces/{NAMESPACE}/events?fieldSelector=involvedObject.name={id}"
+        ));
+        let reasons: Vec<String> = events["items"]
+            .as_array()?
+            .iter()
+            .filter(|e| e["involvedObject"]["kind"] == "ModelService")
+            .map(|e| e["reason"].as_str().unwrap_or_default().to_string())
+            .collect();
+        reasons.iter().any(|r| r == "Running").then_some(reasons)
+    });
+    eprintln!("Event reasons for {id}: {reasons:?}");
+
+    // As `kubectl apply -f model.yaml` (admin): adopted, running, visible through REST.
+    let adopted = "from-kubectl";
+    lab.create(
+        &format!("/apis/xmod-shim.io/v1alpha1/namespaces/{NAMESPACE}/modelservices"),
+        &json!({
+            "apiVersion": "xmod-shim.io/v1alpha1",
+            "kind": "ModelService",
+            "metadata": {"name": adopted},
+            "spec": mock("applied"),
+        }),
+    );
+    wait_for("the REST API to know the applied ModelService", 30, || {
+        let envelope = common::get(&shim.url(&format!("/api/v1/modserv/{adopted}"))).ok()?;
+        (envelope["code"] == 0).then_some(())
+    });
+    wait_status(&shim, adopted, 60, |d| d["status"] == "running");
+    wait_model_service_running(&lab, adopted);
+    assert_eq!(workloads_of(&lab, adopted).0.len(), 1);
+
+    // A bad spec applied with kubectl is refused in the resource's status, not silently.
+    let bad = "bad-spec";
+    lab.create(
+        &format!("/apis/xmod-shim.io/v1alpha1/namespaces/{NAMESPACE}/modelservices"),
+        &json!({
+            "apiVersion": "xmod-shim.io/v1alpha1",
+            "kind": "ModelService",
+            "metadata": {"name": bad},
+            "spec": {"modelName": "", "engine": "mock"},
+        }),
+    );
+    let refused = wait_for("the bad ModelService to read failed", 30, || {
+        let object = model_service(&lab, bad)?;
+        (object["status"]["phase"] == "failed").then_some(object)
+    });
+    assert_eq!(refused["status"]["reason"], "InvalidSpec", "{refused}");
+    assert!(
+        refused["status"]["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("modelName"),
+        "{refused}"
+    );
+    let (code, body) = lab.request("DELETE", &model_service_path(bad), None);
+    assert_eq!(code, 200, "{body}");
+
+    // Restart: the state comes back from the cluster; the workloads are re-adopted, not doubled.
+    shim.stop();
+    let shim = start_shim(dir.path(), &kubeconfig, port);
+    for service in [id.as_str(), adopted] {
+        let (data, _) = wait_status(&shim, service, 60, |d| d["status"] == "running");
+        assert!(!data["endpoint"].as_str().unwrap().is_empty(), "{data}");
+        let (deployments, services) = workloads_of(&lab, service);
+        assert_eq!(
+            (deployments.len(), services.len()),
+            (1, 1),
+            "{service}: {deployments:?} {services:?}"
+        );
+    }
+    let list = send(reqwest::Method::GET, &shim.url("/api/v1/modserv"), None);
+    assert!(list.to_string().contains(&id), "{list}");
+
+    // REST DELETE → notExist; ModelService, Deployment and Service gone.
+    for service in [id.as_str(), adopted] {
+        let envelope = send(
+            reqwest::Method::DELETE,
+            &shim.url(&format!("/api/v1/modserv/{service}")),
+            None,
+        );
+        assert_eq!(envelope["code"], 0, "{envelope}");
+    }
+    for service in [id.as_str(), adopted] {
+        wait_status(&shim, service, 60, |d| d["status"] == "notExist");
+        wait_for(&format!("ModelService {service} to be deleted"), 30, || {
+            model_service(&lab, service).is_none().then_some(())
+        });
+        wait_for(
+            &format!("the workloads of {service} to be deleted"),
+            30,
+            || {
+                let (deployments, services) = workloads_of(&lab, service);
+                (deployments.is_empty() && services.is_empty()).then_some(())
+            },
+        );
+    }
+    let left = names(
+        &lab,
+        &format!("/apis/xmod-shim.io/v1alpha1/namespaces/{NAMESPACE}/modelservices"),
+    );
+    assert!(left.is_empty(), "ModelServices left behind: {left:?}");
+}

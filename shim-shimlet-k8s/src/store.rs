@@ -1,0 +1,663 @@
+//! A [`Store`] on `ModelService` resources (`--store kubernetes`): desired state lives in the
+//! cluster, so it outlives the shim's volume and `kubectl get modelservices` shows what is
+//! deployed.
+//!
+//! * A service's id is its ModelService's name, in the namespace of `shimlets.k8s`.
+//! * [`Store::save`] is a server-side apply (field manager `xmod-shim`) of the spec and of the
+//!   whole [`ServiceRecord`] as JSON in the `xmod-shim.io/record` annotation, then an apply of the
+//!   status through the status subresource. The annotation is what [`Store::load_live`] rebuilds
+//!   from, exactly; the spec and status are for people and tools. A deleted record deletes the
+//!   resource (its history stays in memory while the process lives).
+//! * Writes go through one queue in call order; a batch keeps only the newest record per service
+//!   (earlier ones are superseded) and writes different services concurrently.
+//! * Events: the newest `history` per service in memory, and each phase transition also as a
+//!   Kubernetes Event on the ModelService, so `kubectl describe` tells the story.
+//! * A watch on ModelServices finds those created by someone else (`kubectl apply`): they carry no
+//!   record annotation. Each is handed once to the receiver of [`KubeStore::adoptions`], whose
+//!   owner asks the engine to adopt it ([`shim_core::Engine::adopt`]).
+//!
+//! Not yet: a finalizer (a `kubectl delete` removes the resource without the engine's teardown),
+//! spec changes made with kubectl on an adopted resource, leader election.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use futures::StreamExt as _;
+use k8s_openapi::api::core::v1::Event as KubeEvent;
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
+use kube::runtime::watcher;
+use kube::{Client, Resource as _, ResourceExt as _};
+use shim_core::event::{Event, EventKind};
+use shim_core::record::ServiceRecord;
+use shim_core::store::{Ack, Store};
+use shim_core::{DeploySpec, Phase};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::config::K8sConfig;
+use crate::crd::{ANNOTATION_RECORD, ModelService, ModelServiceSpec, status_of};
+use crate::errors::status_of as http_status;
+use crate::names::{FIELD_MANAGER, LABEL_MANAGED_BY, MANAGED_BY_VALUE};
+
+/// Attempts of one write before it is reported as failed.
+const ATTEMPTS: u32 = 5;
+/// Services written at once within a batch.
+const PARALLEL: usize = 16;
+
+/// What went wrong talking to the cluster about ModelServices.
+#[derive(Debug, thiserror::Error)]
+pub enum KubeStoreError {
+    /// The CustomResourceDefinition is missing.
+    #[error(
+        "the ModelService resource is not installed on {origin}; install it with \
+         kubectl apply -f deploy/crds/modelservices.yaml"
+    )]
+    NotInstalled {
+        /// The cluster.
+        origin: String,
+    },
+    /// RBAC refuses.
+    #[error(
+        "not allowed to {verb} modelservices in namespace {namespace:?} on {origin}: {detail} \
+         (apply deploy/rbac.yaml, which grants the store's verbs)"
+    )]
+    Forbidden {
+        /// What was tried.
+        verb: &'static str,
+        /// Where.
+        namespace: String,
+        /// The cluster.
+        origin: String,
+        /// The API server's words.
+        detail: String,
+    },
+    /// Any other API error, after retries.
+    #[error("{action} modelservice {name:?}: {source}")]
+    Api {
+        /// What was tried.
+        action: &'static str,
+        /// Which resource.
+        name: String,
+        /// The client's error.
+        #[source]
+        source: kube::Error,
+    },
+    /// A record annotation that does not parse.
+    #[error("modelservice {name:?} has a damaged {ANNOTATION_RECORD} annotation: {source}")]
+    Damaged {
+        /// Which resource.
+        name: String,
+        /// Why.
+        #[source]
+        source: serde_json::Error,
+    },
+    /// The writer task is gone (the runtime is shutting down).
+    #[error("the ModelService writer has stopped")]
+    Stopped,
+    /// The `shimlets.k8s` section is invalid.
+    #[error("shimlets.k8s: {0}")]
+    Config(String),
+}
+
+fn store_err(err: KubeStoreError) -> shim_core::Error {
+    shim_core::Error::store(err)
+}
+
+/// A ModelService created by someone else, for the engine to adopt.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Adoption {
+    /// The resource's name: the service id.
+    pub id: String,
+    /// Its spec as a deploy request.
+    pub spec: DeploySpec,
+}
+
+enum Job {
+    Save(Box<ServiceRecord>, oneshot::Sender<shim_core::Result<()>>),
+    Event(Box<Event>),
+}
+
+struct Inner {
+    api: Api<ModelService>,
+    kube_events: Api<KubeEvent>,
+    namespace: String,
+    history: usize,
+    /// Every record this process knows, deleted ones included (as history).
+    records: Mutex<HashMap<String, ServiceRecord>>,
+    events: Mutex<HashMap<String, VecDeque<Event>>>,
+    /// Resource uid per name, for the Events' `involvedObject`.
+    uids: Mutex<HashMap<String, String>>,
+    /// Names already handed out for adoption (each is handed out once).
+    offered: Mutex<HashSet<String>>,
+    adopt_tx: mpsc::UnboundedSender<Adoption>,
+}
+
+/// [`Store`] on ModelService resources; see the module docs.
+#[derive(Clone)]
+pub struct KubeStore {
+    inner: Arc<Inner>,
+    writer: mpsc::UnboundedSender<Job>,
+    adoptions: Arc<Mutex<Option<mpsc::UnboundedReceiver<Adoption>>>>,
+}
+
+impl std::fmt::Debug for KubeStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KubeStore")
+            .field("namespace", &self.inner.namespace)
+            .finish()
+    }
+}
+
+impl KubeStore {
+    /// Connects with the `shimlets.k8s` settings (kubeconfig, context, namespace, rate limit),
+    /// checks that the resource is installed and may be listed, and starts the writer and the
+    /// watch. Keeps `history` events per service in memory.
+    ///
+    /// # Errors
+    /// A bad config section, an unreachable cluster, a missing CRD or missing permissions, each
+    /// saying what to change.
+    pub async fn connect(config: &K8sConfig, history: usize) -> Result<Self, shim_core::Error> {
+        config
+            .validate()
+            .map_err(|e| store_err(KubeStoreError::Config(e)))?;
+        let (client, origin) = crate::client::connect(config)
+            .await
+            .map_err(shim_core::Error::from)?;
+        let namespace = config
+            .namespace
+            .clone()
+            .unwrap_or_else(|| client.default_namespace().to_string());
+        Self::start(client, namespace, &origin, history).await
+    }
+
+    /// As [`KubeStore::connect`], on a client built by the caller.
+    ///
+    /// # Errors
+    /// As [`KubeStore::connect`].
+    pub async fn start(
+        client: Client,
+        namespace: String,
+        origin: &str,
+        history: usize,
+    ) -> Result<Self, shim_core::Error> {
+        let api: Api<ModelService> = Api::namespaced(client.clone(), &namespace);
+        // One cheap list proves the CRD exists and RBAC lets us read; its errors are the ones a
+        // person can act on.
+        if let Err(err) = api.list(&ListParams::default().limit(1)).await {
+            return Err(store_err(match http_status(&err) {
+                Some(404) => KubeStoreError::NotInstalled {
+                    origin: origin.to_string(),
+                },
+                Some(403) => KubeStoreError::Forbidden {
+                    verb: "list",
+                    namespace,
+                    origin: origin.to_string(),
+                    detail: err.to_string(),
+                },
+                _ => KubeStoreError::Api {
+                    action: "list",
+                    name: String::new(),
+                    source: err,
+                },
+            }));
+        }
+        let (adopt_tx, adopt_rx) = mpsc::unbounded_channel();
+        let inner = Arc::new(Inner {
+            kube_events: Api::namespaced(client, &namespace),
+            api,
+            namespace,
+            history,
+            records: Mutex::default(),
+            events: Mutex::default(),
+            uids: Mutex::default(),
+            offered: Mutex::default(),
+            adopt_tx,
+        });
+        let (writer, jobs) = mpsc::unbounded_channel();
+        tokio::spawn(write_loop(inner.clone(), jobs));
+        tokio::spawn(watch_loop(inner.clone()));
+        Ok(Self {
+            inner,
+            writer,
+            adoptions: Arc::new(Mutex::new(Some(adopt_rx))),
+        })
+    }
+
+    /// The ModelServices created by someone else, each once, for the engine to adopt. Taken
+    /// once: the second call returns `None`.
+    pub fn adoptions(&self) -> Option<mpsc::UnboundedReceiver<Adoption>> {
+        self.adoptions.lock().ok()?.take()
+    }
+
+    /// Marks a ModelService the engine refused to adopt (a bad spec) as failed, with the
+    /// engine's words, so `kubectl get` shows why nothing runs.
+    ///
+    /// # Errors
+    /// When the status cannot be written.
+    pub async fn reject(&self, id: &str, message: &str) -> Result<(), shim_core::Error> {
+        let status = serde_json::json!({
+            "apiVersion": "xmod-shim.io/v1alpha1",
+            "kind": "ModelService",
+            "metadata": { "name": id },
+            "status": {
+                "phase": "failed",
+                "reason": "InvalidSpec",
+                "message": message,
+                "endpoint": "",
+                "readyReplicas": 0,
+            }
+        });
+        let params = PatchParams::apply(FIELD_MANAGER).force();
+        self.inner
+            .api
+            .patch_status(id, &params, &Patch::Apply(&status))
+            .await
+            .map(|_| ())
+            .map_err(|source| {
+                store_err(KubeStoreError::Api {
+                    action: "write the status of",
+                    name: id.to_string(),
+                    source,
+                })
+            })
+    }
+
+    /// The namespace the resources live in.
+    pub fn namespace(&self) -> &str {
+        &self.inner.namespace
+    }
+}
+
+#[async_trait]
+impl Store for KubeStore {
+    fn save(&self, record: &ServiceRecord) -> Ack {
+        if let Ok(mut records) = self.inner.records.lock() {
+            records.insert(record.id.clone(), record.clone());
+        }
+        let (tx, rx) = oneshot::channel();
+        if self
+            .writer
+            .send(Job::Save(Box::new(record.clone()), tx))
+            .is_err()
+        {
+            return Box::pin(async { Err(store_err(KubeStoreError::Stopped)) });
+        }
+        Box::pin(async move { rx.await.unwrap_or(Err(store_err(KubeStoreError::Stopped))) })
+    }
+
+    fn append_event(&self, event: &Event) -> Ack {
+        if let Ok(mut events) = self.inner.events.lock() {
+            let list = events.entry(event.service_id.clone()).or_default();
+            list.push_back(event.clone());
+            while list.len() > self.inner.history {
+                list.pop_front();
+            }
+        }
+        // The Kubernetes Event is a courtesy for `kubectl describe`: it never holds up or fails
+        // the engine's write.
+        if matches!(event.kind, EventKind::Transition { .. }) {
+            let _ = self.writer.send(Job::Event(Box::new(event.clone())));
+        }
+        Box::pin(async { Ok(()) })
+    }
+
+    async fn load_live(&self) -> shim_core::Result<Vec<ServiceRecord>> {
+        let list = self
+            .inner
+            .api
+            .list(&ListParams::default())
+            .await
+            .map_err(|source| {
+                store_err(KubeStoreError::Api {
+                    action: "list",
+                    name: String::new(),
+                    source,
+                })
+            })?;
+        let mut live = Vec::new();
+        for object in list.items {
+            let name = object.name_any();
+            remember_uid(&self.inner, &object);
+            // Resources without a record were made by someone else: the watch offers them for
+            // adoption. A damaged record is refused loudly rather than guessed at.
+            let Some(record) = record_of(&object)? else {
+                continue;
+            };
+            if record.id != name {
+                tracing::warn!(%name, id = %record.id, "record annotation names another id; skipped");
+                continue;
+            }
+            if let Ok(mut records) = self.inner.records.lock() {
+                records.insert(name, record.clone());
+            }
+            if record.is_live() {
+                live.push(record);
+            }
+        }
+        Ok(live)
+    }
+
+    async fn get(&self, id: &str) -> shim_core::Result<Option<ServiceRecord>> {
+        if let Some(record) = self
+            .inner
+            .records
+            .lock()
+            .ok()
+            .and_then(|r| r.get(id).cloned())
+        {
+            return Ok(Some(record));
+        }
+        match self.inner.api.get_opt(id).await {
+            Ok(Some(object)) => record_of(&object),
+            Ok(None) => Ok(None),
+            Err(source) => Err(store_err(KubeStoreError::Api {
+                action: "get",
+                name: id.to_string(),
+                source,
+            })),
+        }
+    }
+
+    async fn events(&self, id: &str, limit: usize) -> shim_core::Result<Vec<Event>> {
+        let events =
+            self.inner.events.lock().map_err(|_| {
+                store_err(KubeStoreError::Config("event history lock poisoned".into()))
+            })?;
+        let list: Vec<Event> = events
+            .get(id)
+            .map(|l| l.iter().cloned().collect())
+            .unwrap_or_default();
+        Ok(list[list.len().saturating_sub(limit)..].to_vec())
+    }
+}
+
+/// The record kept in a resource's annotation; `None` when it has none.
+fn record_of(object: &ModelService) -> shim_core::Result<Option<ServiceRecord>> {
+    let Some(json) = object.annotations().get(ANNOTATION_RECORD) else {
+        return Ok(None);
+    };
+    serde_json::from_str(json).map(Some).map_err(|source| {
+        store_err(KubeStoreError::Damaged {
+            name: object.name_any(),
+            source,
+        })
+    })
+}
+
+fn remember_uid(inner: &Inner, object: &ModelService) {
+    if let (Some(uid), Ok(mut uids)) = (object.uid(), inner.uids.lock()) {
+        uids.insert(object.name_any(), uid);
+    }
+}
+
+/// Applies queued writes in order. Each batch is what has queued meanwhile: per service only the
+/// newest record is written (the earlier ones' acknowledgements wait for it), services in
+/// parallel, then the batch's Kubernetes Events.
+async fn write_loop(inner: Arc<Inner>, mut jobs: mpsc::UnboundedReceiver<Job>) {
+    while let Some(first) = jobs.recv().await {
+        let mut batch = vec![first];
+        while let Ok(job) = jobs.try_recv() {
+            batch.push(job);
+        }
+        let mut order: Vec<String> = Vec::new();
+        let mut saves: HashMap<String, (ServiceRecord, Vec<oneshot::Sender<_>>)> = HashMap::new();
+        let mut events = Vec::new();
+        for job in batch {
+            match job {
+                Job::Save(record, ack) => {
+                    let entry = saves.entry(record.id.clone()).or_insert_with(|| {
+                        order.push(record.id.clone());
+                        ((*record).clone(), Vec::new())
+                    });
+                    entry.0 = *record;
+                    entry.1.push(ack);
+                }
+                Job::Event(event) => events.push(event),
+            }
+        }
+        let writes = order
+            .into_iter()
+            .filter_map(|id| saves.remove(&id))
+            .map(|(record, acks)| {
+                let inner = inner.clone();
+                async move {
+                    let result = write_record(&inner, &record).await;
+                    for ack in acks {
+                        let _ = ack.send(result.as_ref().map(|_| ()).map_err(|e| {
+                            shim_core::Error::store(std::io::Error::other(e.to_string()))
+                        }));
+                    }
+                }
+            });
+        futures::stream::iter(writes)
+            .buffer_unordered(PARALLEL)
+            .collect::<Vec<()>>()
+            .await;
+        for event in events {
+            if let Err(err) = publish(&inner, &event).await {
+                tracing::debug!(error = %err, "cannot create a Kubernetes Event");
+            }
+        }
+    }
+}
+
+/// Whether an error may pass by itself: conflicts, throttling, server errors, transport.
+fn transient(err: &kube::Error) -> bool {
+    match http_status(err) {
+        Some(code) => code == 409 || code == 429 || code >= 500,
+        None => true,
+    }
+}
+
+async fn retrying<T, F, Fut>(
+    action: &'static str,
+    name: &str,
+    mut call: F,
+) -> Result<T, KubeStoreError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, kube::Error>>,
+{
+    let mut delay = Duration::from_millis(100);
+    let mut attempt = 1;
+    loop {
+        match call().await {
+            Ok(value) => return Ok(value),
+            Err(err) if attempt < ATTEMPTS && transient(&err) => {
+                tracing::debug!(%name, attempt, error = %err, "{action} modelservice: retrying");
+                tokio::time::sleep(delay).await;
+                delay *= 2;
+                attempt += 1;
+            }
+            Err(source) => {
+                return Err(KubeStoreError::Api {
+                    action,
+                    name: name.to_string(),
+                    source,
+                });
+            }
+        }
+    }
+}
+
+async fn write_record(inner: &Inner, record: &ServiceRecord) -> Result<(), KubeStoreError> {
+    let name = record.id.as_str();
+    if !record.is_live() {
+        // The teardown is done (the engine writes `deleted` only once the runtime confirmed):
+        // the resource goes; the record stays in memory as history.
+        if let Ok(mut offered) = inner.offered.lock() {
+            offered.remove(name);
+        }
+        return retrying("delete", name, || async {
+            match inner.api.delete(name, &DeleteParams::default()).await {
+                Ok(_) => Ok(()),
+                Err(err) if http_status(&err) == Some(404) => Ok(()),
+                Err(err) => Err(err),
+            }
+        })
+        .await;
+    }
+    let json = serde_json::to_string(record).map_err(|source| KubeStoreError::Damaged {
+        name: name.to_string(),
+        source,
+    })?;
+    let object = serde_json::json!({
+        "apiVersion": "xmod-shim.io/v1alpha1",
+        "kind": "ModelService",
+        "metadata": {
+            "name": name,
+            "labels": { LABEL_MANAGED_BY: MANAGED_BY_VALUE },
+            "annotations": { ANNOTATION_RECORD: json },
+        },
+        "spec": ModelServiceSpec::from(&record.spec),
+    });
+    // `force`: the shim owns the fields it writes, also of a resource someone else created.
+    let params = PatchParams::apply(FIELD_MANAGER).force();
+    let spec_patch = Patch::Apply(&object);
+    let applied = retrying("apply", name, || {
+        inner.api.patch(name, &params, &spec_patch)
+    })
+    .await?;
+    remember_uid(inner, &applied);
+    let status = serde_json::json!({
+        "apiVersion": "xmod-shim.io/v1alpha1",
+        "kind": "ModelService",
+        "metadata": { "name": name },
+        "status": status_of(record, applied.meta().generation),
+    });
+    let status_patch = Patch::Apply(&status);
+    retrying("write the status of", name, || {
+        inner.api.patch_status(name, &params, &status_patch)
+    })
+    .await?;
+    Ok(())
+}
+
+/// Creates a core/v1 Event on the ModelService for one transition.
+async fn publish(inner: &Inner, event: &Event) -> Result<(), KubeStoreError> {
+    let EventKind::Transition {
+        from,
+        to,
+        trigger,
+        reason,
+        message,
+    } = &event.kind
+    else {
+        return Ok(());
+    };
+    let name = event.service_id.as_str();
+    let uid = inner.uids.lock().ok().and_then(|u| u.get(name).cloned());
+    let word = |p: &Phase| p.to_string();
+    let note = match (from, message) {
+        (Some(from), Some(m)) => format!("{} -> {}: {m}", word(from), word(to)),
+        (Some(from), None) => format!("{} -> {}", word(from), word(to)),
+        (None, Some(m)) => format!("{}: {m}", word(to)),
+        (None, None) => word(to),
+    };
+    let note = match trigger {
+        Some(t) => format!(
+            "{note} ({})",
+            serde_json::to_value(t)
+                .ok()
+                .and_then(|v| v.as_str().map(String::from))
+                .unwrap_or_default()
+        ),
+        None => note,
+    };
+    let kind = if matches!(to, Phase::Failed) || reason.is_some() {
+        "Warning"
+    } else {
+        "Normal"
+    };
+    let reason = reason.clone().unwrap_or_else(|| {
+        let mut r = word(to);
+        if let Some(first) = r.get_mut(..1) {
+            first.make_ascii_uppercase();
+        }
+        r
+    });
+    // `Time` has whole seconds.
+    let time = event.time.format("%Y-%m-%dT%H:%M:%SZ").to_string();
+    let body = serde_json::json!({
+        "metadata": {
+            "generateName": format!("{name}."),
+            "namespace": inner.namespace,
+        },
+        "involvedObject": {
+            "apiVersion": "xmod-shim.io/v1alpha1",
+            "kind": "ModelService",
+            "name": name,
+            "namespace": inner.namespace,
+            "uid": uid,
+        },
+        "reason": reason,
+        "message": note,
+        "type": kind,
+        "count": 1,
+        "firstTimestamp": time,
+        "lastTimestamp": time,
+        "source": { "component": FIELD_MANAGER },
+    });
+    let kube_event: KubeEvent =
+        serde_json::from_value(body).map_err(|source| KubeStoreError::Damaged {
+            name: name.to_string(),
+            source,
+        })?;
+    inner
+        .kube_events
+        .create(&PostParams::default(), &kube_event)
+        .await
+        .map(|_| ())
+        .map_err(|source| KubeStoreError::Api {
+            action: "create an Event for",
+            name: name.to_string(),
+            source,
+        })
+}
+
+/// Watches ModelServices and offers each one without a record (made by someone else) once for
+/// adoption. The watcher relists by itself after errors; only a closed receiver ends the loop.
+async fn watch_loop(inner: Arc<Inner>) {
+    let stream = watcher(inner.api.clone(), watcher::Config::default());
+    futures::pin_mut!(stream);
+    while let Some(item) = stream.next().await {
+        let object = match item {
+            Ok(watcher::Event::Apply(o) | watcher::Event::InitApply(o)) => o,
+            Ok(_) => continue,
+            Err(err) => {
+                tracing::warn!(error = %err, "watching modelservices failed; retrying");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                continue;
+            }
+        };
+        remember_uid(&inner, &object);
+        if object.annotations().contains_key(ANNOTATION_RECORD)
+            || object.meta().deletion_timestamp.is_some()
+        {
+            continue;
+        }
+        let name = object.name_any();
+        let known = inner
+            .records
+            .lock()
+            .map(|r| r.get(&name).is_some_and(ServiceRecord::is_live))
+            .unwrap_or(true);
+        let fresh = inner
+            .offered
+            .lock()
+            .map(|mut o| o.insert(name.clone()))
+            .unwrap_or(false);
+        if known || !fresh {
+            continue;
+        }
+        tracing::info!(%name, "found a ModelService the shim did not create; adopting it");
+        let adoption = Adoption {
+            id: name,
+            spec: DeploySpec::from(&object.spec),
+        };
+        if inner.adopt_tx.send(adoption).is_err() {
+            return;
+        }
+    }
+}
