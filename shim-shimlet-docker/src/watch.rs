@@ -26,8 +26,9 @@ const READY_PROBE_MIN: Duration = Duration::from_secs(5);
 /// First wait before re-subscribing after the event stream broke; doubles while the engine stays
 /// away, up to [`RECONNECT_DELAY_MAX`].
 const RECONNECT_DELAY: Duration = Duration::from_millis(500);
-/// Longest wait between re-subscription attempts.
-const RECONNECT_DELAY_MAX: Duration = Duration::from_secs(30);
+/// Longest wait between re-subscription attempts: short, because services converge only once
+/// the view is current again after the daemon comes back.
+const RECONNECT_DELAY_MAX: Duration = Duration::from_secs(4);
 /// How far back to replay events when subscribing: covers the gap between listing containers
 /// and the subscription taking effect (and small clock differences with a remote engine).
 const REPLAY_MARGIN_SECS: i64 = 5;
