@@ -51,7 +51,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         .await
         .context("cannot start the engine")?;
     if let Some(store) = kube_store {
-        adopt_loop(engine.clone(), store);
+        follow_cluster(engine.clone(), store);
     }
     let address = format!("{}:{}", settings.service.host, settings.service.port);
     let listener = tokio::net::TcpListener::bind(&address)
@@ -98,21 +98,34 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Hands each ModelService someone else created (`kubectl apply`) to the engine; one it refuses
-/// is marked failed with the engine's words, so `kubectl get` shows why nothing runs.
-fn adopt_loop(engine: Engine, store: shim_shimlet_k8s::store::KubeStore) {
-    let Some(mut adoptions) = store.adoptions() else {
+/// Follows what someone else did to the ModelServices (`kubectl apply`, `scale`, `delete`):
+/// the engine adopts, updates or deletes. A resource the engine refuses to adopt is marked
+/// failed with the engine's words, so `kubectl get` shows why nothing runs.
+fn follow_cluster(engine: Engine, store: shim_shimlet_k8s::store::KubeStore) {
+    use shim_shimlet_k8s::store::ClusterChange;
+    let Some(mut changes) = store.changes() else {
         return;
     };
     tokio::spawn(async move {
-        while let Some(adoption) = adoptions.recv().await {
-            let id = adoption.id.clone();
-            match engine.adopt(adoption.id, adoption.spec).await {
-                Ok(()) => tracing::info!(%id, "adopted a ModelService"),
-                Err(err) => {
-                    tracing::warn!(%id, error = %err, "cannot adopt a ModelService");
-                    if let Err(err) = store.reject(&id, &err.to_string()).await {
-                        tracing::warn!(%id, error = %err, "cannot mark the ModelService failed");
+        while let Some(change) = changes.recv().await {
+            match change {
+                ClusterChange::Adopt { id, spec } => match engine.adopt(id.clone(), spec).await {
+                    Ok(()) => tracing::info!(%id, "adopted a ModelService"),
+                    Err(err) => {
+                        tracing::warn!(%id, error = %err, "cannot adopt a ModelService");
+                        if let Err(err) = store.reject(&id, &err.to_string()).await {
+                            tracing::warn!(%id, error = %err, "cannot mark the ModelService failed");
+                        }
+                    }
+                },
+                ClusterChange::Update { id, spec } => {
+                    if let Err(err) = engine.update(&id, spec).await {
+                        tracing::warn!(%id, error = %err, "cannot apply a ModelService's new spec");
+                    }
+                }
+                ClusterChange::Delete { id } => {
+                    if let Err(err) = engine.delete(&id).await {
+                        tracing::warn!(%id, error = %err, "cannot delete a deleted ModelService's service");
                     }
                 }
             }

@@ -4,8 +4,9 @@
 //!
 //! One test, one lab: REST deploy → a ModelService with `status.phase: running` and Events for
 //! `kubectl describe`; a ModelService created as `kubectl apply` would → adopted, running,
-//! visible through REST; a shim restart → both still there (state from the cluster, no
-//! duplicate workloads); REST DELETE → the ModelService, Deployment and Service gone.
+//! visible through REST, and a bad one refused in its status; a shim restart → both still there
+//! (state from the cluster, no duplicate workloads); `kubectl scale` → two replicas;
+//! `kubectl delete` and REST DELETE → the ModelService, Deployment and Service gone.
 
 mod common;
 #[path = "common/k8s_lab.rs"]
@@ -232,15 +233,42 @@ fn model_services_hold_desired_state_through_deploy_adoption_restart_and_delete(
     let list = send(reqwest::Method::GET, &shim.url("/api/v1/modserv"), None);
     assert!(list.to_string().contains(&id), "{list}");
 
+    // `kubectl scale modelservice/from-kubectl --replicas=2` (the scale subresource) → the
+    // engine updates the service: two replicas ready, in REST and in the resource's status.
+    let (code, body) = lab.request_merge_patch(
+        &format!("{}/scale", model_service_path(adopted)),
+        &json!({"spec": {"replicas": 2}}),
+    );
+    assert_eq!(code, 200, "{body}");
+    wait_for(
+        "the scaled ModelService to have 2 ready replicas",
+        60,
+        || {
+            let object = model_service(&lab, adopted)?;
+            (object["status"]["readyReplicas"] == 2 && object["status"]["phase"] == "running")
+                .then_some(())
+        },
+    );
+    let (deployments, _) = workloads_of(&lab, adopted);
+    let deployment = lab.get(&format!(
+        "/apis/apps/v1/namespaces/{NAMESPACE}/deployments/{}",
+        deployments[0]
+    ));
+    assert_eq!(deployment["spec"]["replicas"], 2, "{deployment}");
+
+    // `kubectl delete` → the engine tears the service down: notExist, workloads gone, and the
+    // resource is not created again by the teardown's writes.
+    let (code, body) = lab.request("DELETE", &model_service_path(adopted), None);
+    assert_eq!(code, 200, "{body}");
+    wait_status(&shim, adopted, 60, |d| d["status"] == "notExist");
+
     // REST DELETE → notExist; ModelService, Deployment and Service gone.
-    for service in [id.as_str(), adopted] {
-        let envelope = send(
-            reqwest::Method::DELETE,
-            &shim.url(&format!("/api/v1/modserv/{service}")),
-            None,
-        );
-        assert_eq!(envelope["code"], 0, "{envelope}");
-    }
+    let envelope = send(
+        reqwest::Method::DELETE,
+        &shim.url(&format!("/api/v1/modserv/{id}")),
+        None,
+    );
+    assert_eq!(envelope["code"], 0, "{envelope}");
     for service in [id.as_str(), adopted] {
         wait_status(&shim, service, 60, |d| d["status"] == "notExist");
         wait_for(&format!("ModelService {service} to be deleted"), 30, || {

@@ -12,12 +12,18 @@
 //!   (earlier ones are superseded) and writes different services concurrently.
 //! * Events: the newest `history` per service in memory, and each phase transition also as a
 //!   Kubernetes Event on the ModelService, so `kubectl describe` tells the story.
-//! * A watch on ModelServices finds those created by someone else (`kubectl apply`): they carry no
-//!   record annotation. Each is handed once to the receiver of [`KubeStore::adoptions`], whose
-//!   owner asks the engine to adopt it ([`shim_core::Engine::adopt`]).
+//! * A watch on ModelServices reports what someone else did, as [`ClusterChange`]s to the
+//!   receiver of [`KubeStore::changes`], whose owner tells the engine:
+//!   - created (`kubectl apply` of a new one): it carries no record annotation → adopt it
+//!     ([`shim_core::Engine::adopt`]);
+//!   - spec changed (`kubectl apply`, `kubectl scale`): the spec differs from the one in the
+//!     record annotation, which the shim writes in the same apply as its spec, so the shim's own
+//!     writes never read as changes → update;
+//!   - deleted (`kubectl delete`) while the engine wants it → delete; the engine's writes for it
+//!     are then not applied (they would create it again) until its teardown is done.
 //!
-//! Not yet: a finalizer (a `kubectl delete` removes the resource without the engine's teardown),
-//! spec changes made with kubectl on an adopted resource, leader election.
+//! Not yet: a finalizer (a delete missed while the watch is down, or while no shim runs, leaves
+//! the workload as an orphan), leader election.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex};
@@ -104,13 +110,28 @@ fn store_err(err: KubeStoreError) -> shim_core::Error {
     shim_core::Error::store(err)
 }
 
-/// A ModelService created by someone else, for the engine to adopt.
+/// What someone else did to a ModelService, for the engine to follow.
 #[derive(Debug, Clone, PartialEq)]
-pub struct Adoption {
-    /// The resource's name: the service id.
-    pub id: String,
-    /// Its spec as a deploy request.
-    pub spec: DeploySpec,
+pub enum ClusterChange {
+    /// Created: adopt it under its name.
+    Adopt {
+        /// The resource's name: the service id.
+        id: String,
+        /// Its spec as a deploy request.
+        spec: DeploySpec,
+    },
+    /// Its spec changed: update the service.
+    Update {
+        /// The service id.
+        id: String,
+        /// The new spec.
+        spec: DeploySpec,
+    },
+    /// Deleted: remove the service.
+    Delete {
+        /// The service id.
+        id: String,
+    },
 }
 
 enum Job {
@@ -130,7 +151,11 @@ struct Inner {
     uids: Mutex<HashMap<String, String>>,
     /// Names already handed out for adoption (each is handed out once).
     offered: Mutex<HashSet<String>>,
-    adopt_tx: mpsc::UnboundedSender<Adoption>,
+    /// The last spec handed out as an update per name (each change is handed out once).
+    offered_specs: Mutex<HashMap<String, ModelServiceSpec>>,
+    /// Deleted by someone else, teardown not yet done: the engine's writes are not applied.
+    gone: Mutex<HashSet<String>>,
+    adopt_tx: mpsc::UnboundedSender<ClusterChange>,
 }
 
 /// [`Store`] on ModelService resources; see the module docs.
@@ -138,7 +163,7 @@ struct Inner {
 pub struct KubeStore {
     inner: Arc<Inner>,
     writer: mpsc::UnboundedSender<Job>,
-    adoptions: Arc<Mutex<Option<mpsc::UnboundedReceiver<Adoption>>>>,
+    adoptions: Arc<Mutex<Option<mpsc::UnboundedReceiver<ClusterChange>>>>,
 }
 
 impl std::fmt::Debug for KubeStore {
@@ -212,6 +237,8 @@ impl KubeStore {
             events: Mutex::default(),
             uids: Mutex::default(),
             offered: Mutex::default(),
+            offered_specs: Mutex::default(),
+            gone: Mutex::default(),
             adopt_tx,
         });
         let (writer, jobs) = mpsc::unbounded_channel();
@@ -224,9 +251,9 @@ impl KubeStore {
         })
     }
 
-    /// The ModelServices created by someone else, each once, for the engine to adopt. Taken
-    /// once: the second call returns `None`.
-    pub fn adoptions(&self) -> Option<mpsc::UnboundedReceiver<Adoption>> {
+    /// What someone else did to the ModelServices, for the engine to follow. Taken once: the
+    /// second call returns `None`.
+    pub fn changes(&self) -> Option<mpsc::UnboundedReceiver<ClusterChange>> {
         self.adoptions.lock().ok()?.take()
     }
 
@@ -489,6 +516,9 @@ async fn write_record(inner: &Inner, record: &ServiceRecord) -> Result<(), KubeS
         if let Ok(mut offered) = inner.offered.lock() {
             offered.remove(name);
         }
+        if let Ok(mut gone) = inner.gone.lock() {
+            gone.remove(name);
+        }
         return retrying("delete", name, || async {
             match inner.api.delete(name, &DeleteParams::default()).await {
                 Ok(_) => Ok(()),
@@ -497,6 +527,11 @@ async fn write_record(inner: &Inner, record: &ServiceRecord) -> Result<(), KubeS
             }
         })
         .await;
+    }
+    // Deleted by someone else: applying would create it again; the teardown's last write
+    // (above) ends this.
+    if inner.gone.lock().is_ok_and(|g| g.contains(name)) {
+        return Ok(());
     }
     let json = serde_json::to_string(record).map_err(|source| KubeStoreError::Damaged {
         name: name.to_string(),
@@ -616,14 +651,15 @@ async fn publish(inner: &Inner, event: &Event) -> Result<(), KubeStoreError> {
         })
 }
 
-/// Watches ModelServices and offers each one without a record (made by someone else) once for
-/// adoption. The watcher relists by itself after errors; only a closed receiver ends the loop.
+/// Watches ModelServices and reports what someone else did (see the module docs). The watcher
+/// relists by itself after errors; only a closed receiver ends the loop.
 async fn watch_loop(inner: Arc<Inner>) {
     let stream = watcher(inner.api.clone(), watcher::Config::default());
     futures::pin_mut!(stream);
     while let Some(item) = stream.next().await {
-        let object = match item {
-            Ok(watcher::Event::Apply(o) | watcher::Event::InitApply(o)) => o,
+        let (deleted, object) = match item {
+            Ok(watcher::Event::Apply(o) | watcher::Event::InitApply(o)) => (false, o),
+            Ok(watcher::Event::Delete(o)) => (true, o),
             Ok(_) => continue,
             Err(err) => {
                 tracing::warn!(error = %err, "watching modelservices failed; retrying");
@@ -631,33 +667,63 @@ async fn watch_loop(inner: Arc<Inner>) {
                 continue;
             }
         };
-        remember_uid(&inner, &object);
-        if object.annotations().contains_key(ANNOTATION_RECORD)
-            || object.meta().deletion_timestamp.is_some()
-        {
-            continue;
+        if let Some(change) = change_of(&inner, deleted, &object) {
+            tracing::info!(?change, "a ModelService was changed outside the shim");
+            if inner.adopt_tx.send(change).is_err() {
+                return;
+            }
         }
-        let name = object.name_any();
-        let known = inner
-            .records
-            .lock()
-            .map(|r| r.get(&name).is_some_and(ServiceRecord::is_live))
-            .unwrap_or(true);
-        let fresh = inner
-            .offered
-            .lock()
-            .map(|mut o| o.insert(name.clone()))
-            .unwrap_or(false);
-        if known || !fresh {
-            continue;
+    }
+}
+
+/// What a watch event means for the engine, if anything.
+fn change_of(inner: &Inner, deleted: bool, object: &ModelService) -> Option<ClusterChange> {
+    let name = object.name_any();
+    // The record the engine wants, if it wants the service to exist.
+    let wanted = inner
+        .records
+        .lock()
+        .ok()?
+        .get(&name)
+        .filter(|r| r.is_live() && r.desired == shim_core::Desired::Present)
+        .cloned();
+    if deleted {
+        // The engine's own delete happens after its teardown, when the record is no longer live.
+        wanted.as_ref()?;
+        inner.gone.lock().ok()?.insert(name.clone());
+        return Some(ClusterChange::Delete { id: name });
+    }
+    remember_uid(inner, object);
+    if object.meta().deletion_timestamp.is_some() {
+        return None;
+    }
+    match object.annotations().get(ANNOTATION_RECORD) {
+        None => {
+            if wanted.is_some() || !inner.offered.lock().ok()?.insert(name.clone()) {
+                return None;
+            }
+            Some(ClusterChange::Adopt {
+                id: name,
+                spec: DeploySpec::from(&object.spec),
+            })
         }
-        tracing::info!(%name, "found a ModelService the shim did not create; adopting it");
-        let adoption = Adoption {
-            id: name,
-            spec: DeploySpec::from(&object.spec),
-        };
-        if inner.adopt_tx.send(adoption).is_err() {
-            return;
+        Some(json) => {
+            wanted.as_ref()?;
+            // The spec the shim wrote together with this annotation; a different spec on the
+            // resource was written by someone else.
+            let written: ServiceRecord = serde_json::from_str(json).ok()?;
+            if object.spec == ModelServiceSpec::from(&written.spec) {
+                return None;
+            }
+            let mut offered = inner.offered_specs.lock().ok()?;
+            if offered.get(&name) == Some(&object.spec) {
+                return None;
+            }
+            offered.insert(name.clone(), object.spec.clone());
+            Some(ClusterChange::Update {
+                id: name,
+                spec: DeploySpec::from(&object.spec),
+            })
         }
     }
 }
