@@ -95,3 +95,71 @@ fn sigterm_exits_0_within_10_s_and_leaves_engines_for_re_adoption() {
     assert_eq!(adopted["endpoint"], running["endpoint"]);
     assert_eq!(engine_pids(engine_port), engines, "not re-adopted");
 }
+
+/// Processes whose command line mentions `marker`.
+fn processes_with(marker: &str) -> Vec<u32> {
+    let mut pids = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let cmdline = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
+        if pid != std::process::id()
+            && alive(pid)
+            && String::from_utf8_lossy(&cmdline).contains(marker)
+        {
+            pids.push(pid);
+        }
+    }
+    pids
+}
+
+/// kill -9 of the shim with 100 deploys in flight: after a restart, 100 engines run, one per
+/// service, none orphaned and none twice.
+#[test]
+fn kill_9_with_100_deploys_in_flight_leaves_100_engines_no_orphans_no_duplicates() {
+    let dir = tempfile::tempdir().unwrap();
+    let models = dir.path().join("models");
+    std::fs::create_dir_all(models.join("demo")).unwrap();
+    let marker = models.join("demo").display().to_string();
+    let _reaper = Reaper {
+        marker: models.display().to_string(),
+    };
+    let data = dir.path().join("data");
+    let port = free_port();
+    let mut shim = Shim::start(&data, &models, port);
+    let ids: Vec<String> = (0..100)
+        .map(|_| {
+            deploy(
+                &shim,
+                json!({"modelName": "demo", "engine": "mock", "replicaCount": 1}),
+            )
+        })
+        .collect();
+    shim.child.kill().unwrap(); // SIGKILL, with most deploys still starting
+    shim.child.wait().unwrap();
+    eprintln!(
+        "engines when the shim was killed: {}",
+        processes_with(&marker).len()
+    );
+    drop(shim);
+
+    let shim = Shim::start(&data, &models, port);
+    let started = Instant::now();
+    let mut ports = std::collections::BTreeSet::new();
+    for id in &ids {
+        let (running, _) = wait_status(&shim, id, 300, |d| d["status"] == "running");
+        let port = port_of(running["endpoint"].as_str().unwrap());
+        assert!(ports.insert(port), "two services share port {port}");
+        assert_eq!(engine_pids(port).len(), 1, "service {id} on port {port}");
+    }
+    eprintln!(
+        "all 100 running {:.1} s after the restart",
+        started.elapsed().as_secs_f64()
+    );
+    assert_eq!(
+        processes_with(&marker).len(),
+        100,
+        "orphaned or duplicate engines"
+    );
+}
