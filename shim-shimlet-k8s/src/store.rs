@@ -727,3 +727,165 @@ fn change_of(inner: &Inner, deleted: bool, object: &ModelService) -> Option<Clus
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use bytes::Bytes;
+    use http_body_util::Full;
+
+    use super::*;
+
+    type Mock =
+        tower_test::mock::Handle<http::Request<kube::client::Body>, http::Response<Full<Bytes>>>;
+
+    fn client() -> (Client, Mock) {
+        let (service, handle) = tower_test::mock::pair::<
+            http::Request<kube::client::Body>,
+            http::Response<Full<Bytes>>,
+        >();
+        (Client::new(service, "ns"), handle)
+    }
+
+    /// An `Inner` whose API is never called (`change_of` only reads the watch's objects).
+    fn inner() -> (Inner, mpsc::UnboundedReceiver<ClusterChange>) {
+        let (client, _) = client();
+        let (adopt_tx, rx) = mpsc::unbounded_channel();
+        let inner = Inner {
+            api: Api::namespaced(client.clone(), "ns"),
+            kube_events: Api::namespaced(client, "ns"),
+            namespace: "ns".into(),
+            history: 10,
+            records: Mutex::default(),
+            events: Mutex::default(),
+            uids: Mutex::default(),
+            offered: Mutex::default(),
+            offered_specs: Mutex::default(),
+            gone: Mutex::default(),
+            adopt_tx,
+        };
+        (inner, rx)
+    }
+
+    fn record(id: &str, replicas: i64) -> ServiceRecord {
+        let mut spec = DeploySpec::named("m");
+        spec.replica_count = Some(replicas);
+        ServiceRecord::new(
+            id.into(),
+            spec,
+            serde_json::from_value(serde_json::json!("2026-01-01T00:00:00Z")).expect("time"),
+        )
+    }
+
+    /// The resource as the shim writes it: spec and record annotation from one record.
+    fn written(record: &ServiceRecord) -> ModelService {
+        let mut object = ModelService::new(&record.id, ModelServiceSpec::from(&record.spec));
+        object.metadata.annotations = Some(BTreeMap::from([(
+            ANNOTATION_RECORD.to_string(),
+            serde_json::to_string(record).expect("json"),
+        )]));
+        object
+    }
+
+    #[tokio::test]
+    async fn the_shims_own_writes_are_no_change_and_each_outside_change_is_reported_once() {
+        let (inner, _rx) = inner();
+        let mine = record("abc", 1);
+        inner
+            .records
+            .lock()
+            .unwrap()
+            .insert("abc".into(), mine.clone());
+
+        // Its own write, seen through the watch: nothing to do.
+        let object = written(&mine);
+        assert_eq!(change_of(&inner, false, &object), None);
+
+        // `kubectl scale`: the spec differs from the annotation's → one update.
+        let mut scaled = object.clone();
+        scaled.spec.replica_count = Some(3);
+        match change_of(&inner, false, &scaled) {
+            Some(ClusterChange::Update { id, spec }) => {
+                assert_eq!(id, "abc");
+                assert_eq!(spec.replica_count, Some(3));
+            }
+            other => panic!("expected an update, got {other:?}"),
+        }
+        assert_eq!(change_of(&inner, false, &scaled), None, "reported twice");
+
+        // `kubectl delete` while the engine wants it → delete, and its writes stop applying.
+        assert_eq!(
+            change_of(&inner, true, &object),
+            Some(ClusterChange::Delete { id: "abc".into() })
+        );
+        assert!(inner.gone.lock().unwrap().contains("abc"));
+
+        // The engine's own delete (record no longer live) is no change.
+        let mut deleted = mine.clone();
+        deleted.phase = Phase::Deleted;
+        inner.records.lock().unwrap().insert("abc".into(), deleted);
+        assert_eq!(change_of(&inner, true, &object), None);
+    }
+
+    #[tokio::test]
+    async fn a_resource_without_a_record_is_offered_for_adoption_once() {
+        let (inner, _rx) = inner();
+        let mut spec = ModelServiceSpec {
+            model_name: "m".into(),
+            ..ModelServiceSpec::default()
+        };
+        spec.replica_count = Some(2);
+        let object = ModelService::new("from-kubectl", spec);
+        match change_of(&inner, false, &object) {
+            Some(ClusterChange::Adopt { id, spec }) => {
+                assert_eq!(id, "from-kubectl");
+                assert_eq!(spec.model_name, "m");
+                assert_eq!(spec.replica_count, Some(2));
+            }
+            other => panic!("expected an adoption, got {other:?}"),
+        }
+        assert_eq!(change_of(&inner, false, &object), None, "offered twice");
+        // Deleting one the engine never had is no change either.
+        assert_eq!(change_of(&inner, true, &object), None);
+    }
+
+    async fn start_error(code: u16) -> String {
+        let (client, mut handle) = client();
+        tokio::spawn(async move {
+            while let Some((_, reply)) = handle.next_request().await {
+                let body = serde_json::json!({"kind": "Status", "apiVersion": "v1",
+                    "status": "Failure", "message": "refused here", "code": code});
+                reply.send_response(
+                    http::Response::builder()
+                        .status(code)
+                        .body(Full::new(Bytes::from(body.to_string())))
+                        .expect("response"),
+                );
+            }
+        });
+        KubeStore::start(client, "ns".into(), "https://lab", 10)
+            .await
+            .expect_err("the start must fail")
+            .to_string()
+    }
+
+    #[tokio::test]
+    async fn a_missing_crd_or_missing_rbac_fails_the_start_saying_what_to_apply() {
+        let missing = start_error(404).await;
+        assert!(
+            missing.contains("not installed on https://lab"),
+            "{missing}"
+        );
+        assert!(
+            missing.contains("deploy/crds/modelservices.yaml"),
+            "{missing}"
+        );
+        let forbidden = start_error(403).await;
+        assert!(
+            forbidden.contains("not allowed to list modelservices"),
+            "{forbidden}"
+        );
+        assert!(forbidden.contains("deploy/rbac.yaml"), "{forbidden}");
+    }
+}
