@@ -54,6 +54,18 @@ pub struct Service {
     pub audit_log: Option<PathBuf>,
     /// Largest request body accepted.
     pub body_limit_bytes: usize,
+    /// HTTPS instead of HTTP: certificate chain and key as PEM files, reloaded when they change.
+    pub tls: Option<Tls>,
+}
+
+/// `service.tls:`
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Tls {
+    /// Certificate chain, leaf first (PEM).
+    pub cert_file: PathBuf,
+    /// Private key (PEM).
+    pub key_file: PathBuf,
 }
 
 impl Default for Service {
@@ -66,6 +78,7 @@ impl Default for Service {
             protect_reads: false,
             audit_log: None,
             body_limit_bytes: 1024 * 1024,
+            tls: None,
         }
     }
 }

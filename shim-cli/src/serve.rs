@@ -90,9 +90,20 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     state
         .metrics()
         .append(Box::new(move |out| metrics.render_metrics(out)));
-    shim_server::serve_app(listener, state, gateway.router(), shutdown_signal())
-        .await
-        .context("server failed")?;
+    match &settings.service.tls {
+        Some(tls) => {
+            let files = shim_server::TlsFiles {
+                cert: tls.cert_file.clone(),
+                key: tls.key_file.clone(),
+            };
+            shim_server::serve_app_tls(listener, state, gateway.router(), files, shutdown_signal())
+                .await
+                .context("server failed (service.tls)")?;
+        }
+        None => shim_server::serve_app(listener, state, gateway.router(), shutdown_signal())
+            .await
+            .context("server failed")?,
+    }
     tracing::info!("shutting down; workloads keep running and are re-adopted on the next start");
     engine.shutdown().await;
     Ok(())

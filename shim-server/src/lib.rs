@@ -32,6 +32,7 @@ mod handlers;
 mod metrics;
 mod middleware;
 mod state;
+mod tls;
 
 use std::future::{Future, IntoFuture};
 
@@ -45,6 +46,7 @@ pub use access::{ApiToken, Role};
 pub use envelope::ApiError;
 pub use metrics::HttpMetrics;
 pub use state::{AppState, ServerConfig};
+pub use tls::{TlsFiles, serve_app_tls};
 
 /// Every `(method, path)` the router serves, in axum's path syntax (which OpenAPI shares).
 ///
