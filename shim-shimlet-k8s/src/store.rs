@@ -50,6 +50,8 @@ use crate::names::{FIELD_MANAGER, LABEL_MANAGED_BY, MANAGED_BY_VALUE};
 const ATTEMPTS: u32 = 5;
 /// Services written at once within a batch.
 const PARALLEL: usize = 16;
+/// Wait before a record whose write failed (the API server away) is written again.
+const RESAVE_AFTER: Duration = Duration::from_secs(5);
 
 /// What went wrong talking to the cluster about ModelServices.
 #[derive(Debug, thiserror::Error)]
@@ -155,6 +157,8 @@ struct Inner {
     offered_specs: Mutex<HashMap<String, ModelServiceSpec>>,
     /// Deleted by someone else, teardown not yet done: the engine's writes are not applied.
     gone: Mutex<HashSet<String>>,
+    /// Services whose newest record is due to be written again after a failed write.
+    resave: Mutex<HashSet<String>>,
     adopt_tx: mpsc::UnboundedSender<ClusterChange>,
 }
 
@@ -239,10 +243,11 @@ impl KubeStore {
             offered: Mutex::default(),
             offered_specs: Mutex::default(),
             gone: Mutex::default(),
+            resave: Mutex::default(),
             adopt_tx,
         });
         let (writer, jobs) = mpsc::unbounded_channel();
-        tokio::spawn(write_loop(inner.clone(), jobs));
+        tokio::spawn(write_loop(inner.clone(), jobs, writer.downgrade()));
         tokio::spawn(watch_loop(inner.clone()));
         Ok(Self {
             inner,
@@ -421,7 +426,15 @@ fn remember_uid(inner: &Inner, object: &ModelService) {
 /// Applies queued writes in order. Each batch is what has queued meanwhile: per service only the
 /// newest record is written (the earlier ones' acknowledgements wait for it), services in
 /// parallel, then the batch's Kubernetes Events.
-async fn write_loop(inner: Arc<Inner>, mut jobs: mpsc::UnboundedReceiver<Job>) {
+///
+/// A failed write is reported to its callers and, so the resource does not keep a stale status
+/// when no later change comes (an API server outage during the last transition), the service's
+/// newest record is written again after [`RESAVE_AFTER`] until a write succeeds.
+async fn write_loop(
+    inner: Arc<Inner>,
+    mut jobs: mpsc::UnboundedReceiver<Job>,
+    requeue: mpsc::WeakUnboundedSender<Job>,
+) {
     while let Some(first) = jobs.recv().await {
         let mut batch = vec![first];
         while let Ok(job) = jobs.try_recv() {
@@ -448,8 +461,13 @@ async fn write_loop(inner: Arc<Inner>, mut jobs: mpsc::UnboundedReceiver<Job>) {
             .filter_map(|id| saves.remove(&id))
             .map(|(record, acks)| {
                 let inner = inner.clone();
+                let requeue = requeue.clone();
                 async move {
                     let result = write_record(&inner, &record).await;
+                    if let Err(err) = &result {
+                        tracing::warn!(id = %record.id, error = %err, "cannot write the ModelService; will write it again");
+                        resave_later(&inner, &record.id, requeue);
+                    }
                     for ack in acks {
                         let _ = ack.send(result.as_ref().map(|_| ()).map_err(|e| {
                             shim_core::Error::store(std::io::Error::other(e.to_string()))
@@ -467,6 +485,31 @@ async fn write_loop(inner: Arc<Inner>, mut jobs: mpsc::UnboundedReceiver<Job>) {
             }
         }
     }
+}
+
+/// Writes the service's newest record again after [`RESAVE_AFTER`] (once per service at a time).
+fn resave_later(inner: &Arc<Inner>, id: &str, requeue: mpsc::WeakUnboundedSender<Job>) {
+    if !inner
+        .resave
+        .lock()
+        .is_ok_and(|mut r| r.insert(id.to_string()))
+    {
+        return;
+    }
+    let inner = inner.clone();
+    let id = id.to_string();
+    tokio::spawn(async move {
+        tokio::time::sleep(RESAVE_AFTER).await;
+        if let Ok(mut resave) = inner.resave.lock() {
+            resave.remove(&id);
+        }
+        let newest = inner.records.lock().ok().and_then(|r| r.get(&id).cloned());
+        if let (Some(record), Some(writer)) = (newest, requeue.upgrade()) {
+            // Nobody waits for this write: its acknowledgement is dropped.
+            let (ack, _) = oneshot::channel();
+            let _ = writer.send(Job::Save(Box::new(record), ack));
+        }
+    });
 }
 
 /// Whether an error may pass by itself: conflicts, throttling, server errors, transport.
@@ -763,6 +806,7 @@ mod tests {
             offered: Mutex::default(),
             offered_specs: Mutex::default(),
             gone: Mutex::default(),
+            resave: Mutex::default(),
             adopt_tx,
         };
         (inner, rx)
@@ -887,5 +931,75 @@ mod tests {
             "{forbidden}"
         );
         assert!(forbidden.contains("deploy/rbac.yaml"), "{forbidden}");
+    }
+
+    /// An API server outage during the last write: the caller is told, and the record is
+    /// written again once the API server is back, without any further change.
+    #[tokio::test]
+    async fn a_failed_write_is_written_again_when_the_api_server_is_back() {
+        use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+        let (client, mut handle) = client();
+        let up = Arc::new(AtomicBool::new(false));
+        let status_writes = Arc::new(AtomicUsize::new(0));
+        let (up2, writes2) = (up.clone(), status_writes.clone());
+        tokio::spawn(async move {
+            let mut watches = Vec::new();
+            while let Some((request, reply)) = handle.next_request().await {
+                let query = request.uri().query().unwrap_or_default().to_string();
+                let respond = |code: u16, body: serde_json::Value| {
+                    http::Response::builder()
+                        .status(code)
+                        .body(Full::new(Bytes::from(body.to_string())))
+                        .expect("response")
+                };
+                if query.contains("watch=true") {
+                    watches.push(reply); // held open, never answered
+                } else if request.method() == http::Method::GET {
+                    reply.send_response(respond(
+                        200,
+                        serde_json::json!({
+                        "apiVersion": "xmod-shim.io/v1alpha1", "kind": "ModelServiceList",
+                        "metadata": {"resourceVersion": "1"}, "items": []}),
+                    ));
+                } else if !up2.load(Ordering::SeqCst) {
+                    reply.send_response(respond(
+                        503,
+                        serde_json::json!({"kind": "Status",
+                        "apiVersion": "v1", "status": "Failure", "message": "down", "code": 503}),
+                    ));
+                } else {
+                    if request.uri().path().ends_with("/status") {
+                        writes2.fetch_add(1, Ordering::SeqCst);
+                    }
+                    reply.send_response(respond(
+                        200,
+                        serde_json::json!({
+                        "apiVersion": "xmod-shim.io/v1alpha1", "kind": "ModelService",
+                        "metadata": {"name": "abc", "namespace": "ns", "generation": 1, "uid": "u"},
+                        "spec": {"modelName": "m"}}),
+                    ));
+                }
+            }
+        });
+        let store = KubeStore::start(client, "ns".into(), "https://lab", 10)
+            .await
+            .expect("start");
+        let err = store
+            .save(&record("abc", 1))
+            .await
+            .expect_err("the API server is down");
+        assert!(
+            err.to_string().contains("503") || err.to_string().contains("down"),
+            "{err}"
+        );
+        up.store(true, Ordering::SeqCst);
+        let deadline = tokio::time::Instant::now() + RESAVE_AFTER + Duration::from_secs(5);
+        while status_writes.load(Ordering::SeqCst) == 0 {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "never written again"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
     }
 }
