@@ -35,6 +35,11 @@
 //! load balancer, or an external base URL. A Deployment deleted or edited behind the shim's back
 //! reads as missing or changed, so the engine re-applies it.
 //!
+//! # Desired state in the cluster
+//! [`crd`] defines the `ModelService` resource (`deploy/crds/modelservices.yaml` is generated
+//! from it); [`store::KubeStore`] is the engine's store on those resources (`--store
+//! kubernetes`), and reports what kubectl users do to them for the engine to follow.
+//!
 //! # Configuration and deployment
 //! See [`K8sConfig`] for the `shimlets.k8s` keys, `deploy/` at the repository root for RBAC and
 //! manifests that run the shim in a cluster, and `docs/kubernetes.md` for the opt-in test
