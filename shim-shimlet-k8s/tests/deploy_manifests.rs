@@ -1,5 +1,6 @@
 //! The manifests in `deploy/` stay consistent with the shimlet: the ConfigMap's configuration
-//! parses and validates, and the Role grants what the shimlet does (and no more).
+//! parses and validates, and the Role grants what the shimlet and the Kubernetes store do (and
+//! no more).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
@@ -34,7 +35,7 @@ fn the_config_map_selects_the_k8s_shimlet_with_a_valid_section() {
 }
 
 #[test]
-fn the_role_grants_exactly_what_the_shimlet_uses() {
+fn the_role_grants_exactly_what_the_shimlet_and_the_store_use() {
     let docs = documents("rbac.yaml");
     let kinds: Vec<&str> = docs.iter().filter_map(|d| d["kind"].as_str()).collect();
     assert_eq!(kinds, ["ServiceAccount", "Role", "RoleBinding"]);
@@ -56,7 +57,18 @@ fn the_role_grants_exactly_what_the_shimlet_uses() {
         ("apps/deployments".to_string(), manage.as_slice()),
         ("/services".to_string(), manage.as_slice()),
         ("/pods".to_string(), read.as_slice()),
-        ("/events".to_string(), read.as_slice()),
+        // Read for pod status; created by the Kubernetes store (one per phase transition).
+        (
+            "/events".to_string(),
+            ["create", "get", "list", "watch"].as_slice(),
+        ),
+        // The Kubernetes store (`--store kubernetes`): desired state in ModelServices, status
+        // through the subresource.
+        ("xmod-shim.io/modelservices".to_string(), manage.as_slice()),
+        (
+            "xmod-shim.io/modelservices/status".to_string(),
+            ["patch"].as_slice(),
+        ),
         ("/pods/log".to_string(), ["get"].as_slice()),
         ("/namespaces".to_string(), ["get"].as_slice()),
     ]);
