@@ -52,16 +52,14 @@ fn the_role_grants_exactly_what_the_shimlet_and_the_store_use() {
         }
     }
     let manage = ["create", "delete", "get", "list", "patch", "watch"];
-    let read = ["get", "list", "watch"];
+    // Workloads are read by list + watch only (tests/e2e_k8s_lab.rs checks each is used).
+    let workloads = ["create", "delete", "list", "patch", "watch"];
     let expected = BTreeMap::from([
-        ("apps/deployments".to_string(), manage.as_slice()),
-        ("/services".to_string(), manage.as_slice()),
-        ("/pods".to_string(), read.as_slice()),
-        // Read for pod status; created by the Kubernetes store (one per phase transition).
-        (
-            "/events".to_string(),
-            ["create", "get", "list", "watch"].as_slice(),
-        ),
+        ("apps/deployments".to_string(), workloads.as_slice()),
+        ("/services".to_string(), workloads.as_slice()),
+        ("/pods".to_string(), ["list", "watch"].as_slice()),
+        // Created by the Kubernetes store (one per phase transition).
+        ("/events".to_string(), ["create"].as_slice()),
         // The Kubernetes store (`--store kubernetes`): desired state in ModelServices, status
         // through the subresource.
         ("xmod-shim.io/modelservices".to_string(), manage.as_slice()),

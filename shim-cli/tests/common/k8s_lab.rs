@@ -238,6 +238,25 @@ impl Lab {
             .collect()
     }
 
+    /// `resource:verb` (with `resource/subresource`) of every request `user` made, finished or
+    /// still open (a watch logs `ResponseStarted` first).
+    pub fn permissions_used_by(&self, user: &str) -> std::collections::BTreeSet<String> {
+        let text = std::fs::read_to_string(&self.audit_log).unwrap_or_default();
+        text.lines()
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+            .filter(|e| e["user"]["username"] == user)
+            .map(|e| {
+                let object = &e["objectRef"];
+                let resource = object["resource"].as_str().unwrap_or("");
+                let resource = match object["subresource"].as_str() {
+                    Some(sub) => format!("{resource}/{sub}"),
+                    None => resource.to_string(),
+                };
+                format!("{resource}:{}", e["verb"].as_str().unwrap_or(""))
+            })
+            .collect()
+    }
+
     /// Requests that `user` made so far, from the audit log (one `ResponseComplete` each).
     pub fn requests_by(&self, user: &str) -> Vec<Value> {
         let text = std::fs::read_to_string(&self.audit_log).unwrap_or_default();
