@@ -957,56 +957,6 @@ fn fake_nvidia_smi(bin: &Path) {
     std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
 }
 
-/// A Llama-3-8B-shaped safetensors model: the real header, the data a sparse hole.
-fn llama_8b(dir: &Path) {
-    use std::io::Write as _;
-    std::fs::create_dir_all(dir).unwrap();
-    let (vocab, hidden, inter, kv) = (128_256u64, 4096u64, 14_336u64, 1024u64);
-    let mut shapes = vec![("model.embed_tokens.weight".to_string(), vec![vocab, hidden])];
-    for l in 0..32 {
-        for (n, s) in [
-            ("input_layernorm", vec![hidden]),
-            ("self_attn.q_proj", vec![hidden, hidden]),
-            ("self_attn.k_proj", vec![kv, hidden]),
-            ("self_attn.v_proj", vec![kv, hidden]),
-            ("self_attn.o_proj", vec![hidden, hidden]),
-            ("post_attention_layernorm", vec![hidden]),
-            ("mlp.gate_proj", vec![inter, hidden]),
-            ("mlp.up_proj", vec![inter, hidden]),
-            ("mlp.down_proj", vec![hidden, inter]),
-        ] {
-            shapes.push((format!("model.layers.{l}.{n}.weight"), s));
-        }
-    }
-    shapes.push(("model.norm.weight".into(), vec![hidden]));
-    shapes.push(("lm_head.weight".into(), vec![vocab, hidden]));
-    let mut header = serde_json::Map::new();
-    let mut offset = 0u64;
-    for (name, shape) in &shapes {
-        let bytes = shape.iter().product::<u64>() * 2;
-        header.insert(
-            name.clone(),
-            json!({"dtype": "BF16", "shape": shape, "data_offsets": [offset, offset + bytes]}),
-        );
-        offset += bytes;
-    }
-    let text = serde_json::to_vec(&header).unwrap();
-    let mut f = std::fs::File::create(dir.join("model.safetensors")).unwrap();
-    f.write_all(&(text.len() as u64).to_le_bytes()).unwrap();
-    f.write_all(&text).unwrap();
-    f.set_len(8 + text.len() as u64 + offset).unwrap();
-    std::fs::write(
-        dir.join("config.json"),
-        json!({
-            "architectures": ["LlamaForCausalLM"], "num_hidden_layers": 32,
-            "num_attention_heads": 32, "num_key_value_heads": 8, "hidden_size": 4096,
-            "max_position_embeddings": 8192, "torch_dtype": "bfloat16", "vocab_size": 128256
-        })
-        .to_string(),
-    )
-    .unwrap();
-}
-
 /// Deploy with the memory estimate: the form shows the model's facts, a dry run that does not fit
 /// says so with the numbers and keeps Deploy off, a smaller context fits and deploys, and the
 /// GPUs page shows the inventory and who holds what.

@@ -13,7 +13,7 @@ mod k8s_lab;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use common::{Shim, deploy, free_port, get, send, wait_status};
+use common::{Shim, deploy, free_port, get, send, wait_for, wait_status};
 use k8s_lab::Lab;
 use serde_json::{Value, json};
 
@@ -75,17 +75,6 @@ fn deployment_of(lab: &Lab, id: &str) -> Option<String> {
     lab.deployments(NAMESPACE)
         .into_iter()
         .find(|name| name.ends_with(&format!("-{id}")))
-}
-
-fn wait_for<T>(what: &str, secs: u64, mut probe: impl FnMut() -> Option<T>) -> T {
-    let deadline = Instant::now() + Duration::from_secs(secs);
-    loop {
-        if let Some(value) = probe() {
-            return value;
-        }
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
 }
 
 /// The whole lifecycle as the ServiceAccount of `deploy/rbac.yaml` (so the RBAC we ship is

@@ -13,9 +13,8 @@ mod common;
 mod k8s_lab;
 
 use std::path::Path;
-use std::time::{Duration, Instant};
 
-use common::{Shim, deploy, free_port, send, wait_status};
+use common::{Shim, deploy, free_port, send, wait_for, wait_status};
 use k8s_lab::Lab;
 use serde_json::{Value, json};
 
@@ -23,17 +22,6 @@ const NAMESPACE: &str = "xmod-shim";
 
 fn manifest(path: &str) -> std::path::PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join(path)
-}
-
-fn wait_for<T>(what: &str, secs: u64, mut probe: impl FnMut() -> Option<T>) -> T {
-    let deadline = Instant::now() + Duration::from_secs(secs);
-    loop {
-        if let Some(value) = probe() {
-            return value;
-        }
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
 }
 
 /// A lab with the CRD installed (and Established), `deploy/rbac.yaml` applied, and a kubeconfig

@@ -239,20 +239,36 @@ impl Engine {
         self.accepting()?;
         spec.validate(&self.inner.policy).map_err(Error::Invalid)?;
         let verdict = self.admit(&spec, None, false).await?;
-        let ack = {
-            let mut services = self.inner.services.write().expect("services lock");
-            let id = loop {
+        self.insert_new("deploy", spec, verdict.need, |services| {
+            Ok(loop {
                 let id = format!("{:08x}", rand::random::<u32>());
                 if !services.contains_key(&id) {
                     break id;
                 }
-            };
+            })
+        })
+        .await
+    }
+
+    /// Stores and queues a new service under the id `choose` picks (under the services lock),
+    /// announced as `action`. A record the store could not persist is forgotten again: the
+    /// client is told it failed, and no service it does not know about may run.
+    async fn insert_new(
+        &self,
+        action: &str,
+        spec: DeploySpec,
+        need: Option<crate::gpu::GpuNeed>,
+        choose: impl FnOnce(&HashMap<String, ServiceRecord>) -> Result<String>,
+    ) -> Result<String> {
+        let (id, ack) = {
+            let mut services = self.inner.services.write().expect("services lock");
+            let id = choose(&services)?;
             let record = ServiceRecord::new(id.clone(), spec, Utc::now());
             let ack = self.inner.store.save(&record);
             self.emit(
                 &record,
                 EventKind::Accepted {
-                    action: "deploy".into(),
+                    action: action.into(),
                 },
             );
             self.emit(
@@ -268,10 +284,7 @@ impl Engine {
             services.insert(id.clone(), record);
             (id, ack)
         };
-        let (id, ack) = ack;
         if let Err(err) = ack.await {
-            // Not durably accepted, so not accepted: the client is told it failed, and no
-            // service it does not know about may run.
             self.inner
                 .services
                 .write()
@@ -279,7 +292,7 @@ impl Engine {
                 .remove(&id);
             return Err(err);
         }
-        self.inner.gpus.set_need(&id, verdict.need);
+        self.inner.gpus.set_need(&id, need);
         self.inner.queue.add(&id);
         Ok(id)
     }
@@ -1151,44 +1164,15 @@ impl Engine {
         }
         spec.validate(&self.inner.policy).map_err(Error::Invalid)?;
         let verdict = self.admit(&spec, None, false).await?;
-        let ack = {
-            let mut services = self.inner.services.write().expect("services lock");
+        self.insert_new("adopt", spec, verdict.need, |services| {
             // A deleted record stays as history under its id; a new service may take the id over.
             if services.get(&id).is_some_and(|r| r.is_live()) {
                 return Err(Error::Config(format!("service {id} already exists")));
             }
-            let record = ServiceRecord::new(id.clone(), spec, Utc::now());
-            let ack = self.inner.store.save(&record);
-            self.emit(
-                &record,
-                EventKind::Accepted {
-                    action: "adopt".into(),
-                },
-            );
-            self.emit(
-                &record,
-                EventKind::Transition {
-                    from: None,
-                    to: Phase::Pending,
-                    trigger: None,
-                    reason: None,
-                    message: None,
-                },
-            );
-            services.insert(id.clone(), record);
-            ack
-        };
-        if let Err(err) = ack.await {
-            self.inner
-                .services
-                .write()
-                .expect("services lock")
-                .remove(&id);
-            return Err(err);
-        }
-        self.inner.gpus.set_need(&id, verdict.need);
-        self.inner.queue.add(&id);
-        Ok(())
+            Ok(id)
+        })
+        .await
+        .map(drop)
     }
 }
 

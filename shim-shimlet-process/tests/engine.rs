@@ -39,15 +39,14 @@ fn pipeline() -> Pipeline {
         .build()
 }
 
-#[tokio::test]
-async fn a_killed_replica_is_noticed_and_repaired_without_a_resync() {
-    let sandbox = Sandbox::new(&[]);
-    let engine = Engine::builder()
+/// The engine on the process runtime of `sandbox`. Only the shimlet's notifications can make it
+/// look again in time: the periodic resync is an hour away.
+async fn engine(sandbox: &Sandbox) -> Engine {
+    Engine::builder()
         .config(EngineConfig {
             data_dir: sandbox.dir.path().to_path_buf(),
             plugins: Arc::new(sandbox.config.clone()),
             gpus: Some(Vec::new()),
-            // Only the shimlet's notification can make the engine look again in time.
             resync_interval: Duration::from_secs(3600),
             backoff_base: Duration::from_millis(10),
             backoff_cap: Duration::from_millis(50),
@@ -57,7 +56,13 @@ async fn a_killed_replica_is_noticed_and_repaired_without_a_resync() {
         .pipeline(pipeline())
         .build()
         .await
-        .expect("engine");
+        .expect("engine")
+}
+
+#[tokio::test]
+async fn a_killed_replica_is_noticed_and_repaired_without_a_resync() {
+    let sandbox = Sandbox::new(&[]);
+    let engine = engine(&sandbox).await;
     let id = engine.deploy(DeploySpec::named("qwen")).await.unwrap();
     let running = eventually("running", Duration::from_secs(10), || async {
         engine.get(&id).filter(|r| r.phase == Phase::Running)
@@ -95,21 +100,7 @@ async fn a_killed_replica_is_noticed_and_repaired_without_a_resync() {
 #[tokio::test]
 async fn a_hung_replica_is_detected_by_liveness_and_replaced() {
     let sandbox = Sandbox::new(&[]);
-    let engine = Engine::builder()
-        .config(EngineConfig {
-            data_dir: sandbox.dir.path().to_path_buf(),
-            plugins: Arc::new(sandbox.config.clone()),
-            gpus: Some(Vec::new()),
-            resync_interval: Duration::from_secs(3600),
-            backoff_base: Duration::from_millis(10),
-            backoff_cap: Duration::from_millis(50),
-            ..EngineConfig::default()
-        })
-        .shimlet("process")
-        .pipeline(pipeline())
-        .build()
-        .await
-        .expect("engine");
+    let engine = engine(&sandbox).await;
     let id = engine.deploy(DeploySpec::named("qwen")).await.unwrap();
     eventually("running", Duration::from_secs(10), || async {
         engine.get(&id).filter(|r| r.phase == Phase::Running)
