@@ -41,8 +41,9 @@ fn a_damaged_state_file_stops_the_start_with_its_name_and_the_way_out() {
     );
 }
 
-/// SIGTERM: the server stops accepting, exits 0 within 10 s, and leaves the engines running
-/// for the next start to adopt.
+/// SIGTERM: the server stops accepting, lets a request in flight (a slow streamed answer through
+/// the gateway) finish, exits 0 within 10 s, and leaves the engines running for the next start
+/// to adopt.
 #[test]
 fn sigterm_exits_0_within_10_s_and_leaves_engines_for_re_adoption() {
     let dir = tempfile::tempdir().unwrap();
@@ -56,12 +57,29 @@ fn sigterm_exits_0_within_10_s_and_leaves_engines_for_re_adoption() {
     let mut shim = Shim::start(&data, &models, port);
     let id = deploy(
         &shim,
-        json!({"modelName": "demo", "engine": "mock", "replicaCount": 1}),
+        json!({"modelName": "demo", "engine": "mock", "replicaCount": 1,
+               "env": [{"key": "MOCK_TOKEN_DELAY_MS", "value": "500"}]}),
     );
     let (running, _) = wait_status(&shim, &id, 60, |d| d["status"] == "running");
     let engine_port = port_of(running["endpoint"].as_str().unwrap());
     let engines = engine_pids(engine_port);
     assert_eq!(engines.len(), 1);
+
+    // A streamed answer, its tokens 500 ms apart (about 2 s), in flight when SIGTERM arrives.
+    let chat_url = shim.url("/v1/chat/completions");
+    let in_flight = std::thread::spawn(move || {
+        let sent = Instant::now();
+        let response = common::client()
+            .post(chat_url)
+            .json(&json!({"model": "demo", "stream": true, "max_tokens": 10,
+                          "messages": [{"role": "user", "content": "hello"}]}))
+            .send()
+            .and_then(|r| r.text());
+        response
+            .map(|text| (text, sent.elapsed()))
+            .map_err(|e| e.to_string())
+    });
+    std::thread::sleep(Duration::from_millis(400));
 
     Command::new("kill")
         .args(["-TERM", &shim.child.id().to_string()])
@@ -83,6 +101,19 @@ fn sigterm_exits_0_within_10_s_and_leaves_engines_for_re_adoption() {
         stopping.elapsed().as_secs_f64()
     );
     assert!(status.success(), "{status}");
+    let (streamed, took) = in_flight
+        .join()
+        .unwrap()
+        .expect("the request in flight failed");
+    eprintln!("the streamed answer in flight took {took:?}");
+    assert!(
+        took >= Duration::from_millis(1500),
+        "the answer was not slow enough to be in flight at SIGTERM ({took:?})"
+    );
+    assert!(
+        streamed.trim_end().ends_with("data: [DONE]"),
+        "the request in flight was cut: {streamed}"
+    );
     assert!(
         std::net::TcpStream::connect(("127.0.0.1", port)).is_err(),
         "still accepting connections"
