@@ -111,6 +111,51 @@ pub(crate) fn signal(pid: u32, start_time: u64, signal: Signal) -> bool {
     }
 }
 
+/// Process group leaders (pid == group id) whose environment holds `NAME=value`, except those
+/// in `known`: engines this shim started (it tags them) but never recorded, because it died
+/// between spawning them and writing its state file. Workers of a known engine are in its
+/// group and are never listed.
+pub(crate) fn unrecorded_leaders(tag: &str, known: &std::collections::HashSet<u32>) -> Vec<u32> {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    let mut found = Vec::new();
+    for entry in entries.flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if known.contains(&pid) {
+            continue;
+        }
+        let Some(stat) = read_stat(pid) else { continue };
+        if i64::from(stat.pgrp) != i64::from(pid) || matches!(stat.state, 'Z' | 'X') {
+            continue;
+        }
+        let Ok(environ) = std::fs::read(entry.path().join("environ")) else {
+            continue;
+        };
+        if environ.split(|b| *b == 0).any(|v| v == tag.as_bytes()) {
+            found.push(pid);
+        }
+    }
+    found
+}
+
+/// Kills the process group of an unrecorded engine found by [`unrecorded_leaders`], checking
+/// first that `pid` still leads it.
+pub(crate) fn kill_unrecorded(pid: u32) {
+    let Some(target) = signallable(pid) else {
+        return;
+    };
+    if read_stat(pid).is_some_and(|s| i64::from(s.pgrp) == i64::from(pid)) {
+        let _ = killpg(target, Signal::SIGKILL);
+    }
+}
+
 /// After a group leader we stopped has died, kills what is left of its process group (engine
 /// workers that outlived it).
 ///

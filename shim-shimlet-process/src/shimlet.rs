@@ -20,6 +20,9 @@ use crate::procfs;
 use crate::replica::{self, Health, Probe, ReplicaKey, Watch};
 use crate::state::{self, FORMAT_VERSION, ReplicaRecord, ServiceFile};
 
+/// Environment variable set on every engine, naming the state directory of the shim that
+/// started it (see `Inner::kill_unrecorded_engines`).
+const OWNER_ENV: &str = "XMOD_SHIM_PROCESS_OWNER";
 /// Runs each replica of a [`WorkloadSpec`] as a local child process. See the crate docs.
 pub struct ProcessShimlet {
     inner: Arc<Inner>,
@@ -319,7 +322,37 @@ impl Inner {
                 Err(err) => tracing::error!(error = %err, "ignoring unusable process state file"),
             }
         }
+        self.kill_unrecorded_engines();
         Ok(())
+    }
+
+    /// The environment entry every engine this shimlet starts carries, naming its state
+    /// directory: how an engine it started but never recorded is recognised after a crash.
+    fn owner_tag(&self) -> String {
+        format!("{OWNER_ENV}={}", self.owner().display())
+    }
+
+    /// The state directory, absolute, as the engines' owner.
+    fn owner(&self) -> PathBuf {
+        std::fs::canonicalize(&self.state_dir).unwrap_or_else(|_| self.state_dir.clone())
+    }
+
+    /// Kills engines started by an earlier run of this shim that died (kill -9) between
+    /// spawning them and recording them: nothing would ever stop them, and their services get
+    /// engines of their own.
+    fn kill_unrecorded_engines(&self) {
+        let known: std::collections::HashSet<u32> = self
+            .services()
+            .values()
+            .flat_map(|s| s.replicas.values().map(|r| r.record.pid))
+            .collect();
+        for pid in procfs::unrecorded_leaders(&self.owner_tag(), &known) {
+            tracing::warn!(
+                pid,
+                "killing an engine started just before the shim died and never recorded"
+            );
+            procfs::kill_unrecorded(pid);
+        }
     }
 
     async fn adopt(self: &Arc<Self>, file: ServiceFile) {
@@ -590,6 +623,7 @@ impl Inner {
         if !gpus.is_empty() {
             command.env("CUDA_VISIBLE_DEVICES", gpus.join(","));
         }
+        command.env(OWNER_ENV, self.owner());
         let mut child = command.spawn().map_err(|e| spawn_error(program, e))?;
         let Some(pid) = child.id() else {
             return Err(internal(format!("{program} started without a pid")));

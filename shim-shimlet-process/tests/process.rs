@@ -521,3 +521,55 @@ async fn a_replica_that_fails_its_probes_after_being_ready_is_replaced_by_the_ne
     .await;
     assert_eq!(shimlet.delete("svc-hang").await.unwrap(), Removal::Gone);
 }
+
+/// An engine the shim started but never recorded (it was killed between spawning the engine and
+/// writing its state file) is found by its owner tag and killed on the next start; a recorded
+/// engine of the same shim, and any process without the tag, are left alone.
+#[tokio::test]
+async fn an_engine_started_but_never_recorded_is_killed_on_the_next_start() {
+    use std::os::unix::process::CommandExt as _;
+    let sandbox = Sandbox::new(&[]);
+    let shimlet = sandbox.shimlet().await;
+    let recorded = engine("recorded");
+    shimlet.apply(&recorded).await.unwrap();
+    let kept = eventually("the recorded engine", Duration::from_secs(10), || async {
+        sandbox.pids("recorded").first().copied()
+    })
+    .await;
+    drop(shimlet);
+
+    let owner = std::fs::canonicalize(sandbox.state_dir()).unwrap();
+    let spawn = |tagged: bool| {
+        let mut command = std::process::Command::new("sleep");
+        command.arg("300").process_group(0);
+        if tagged {
+            command.env("XMOD_SHIM_PROCESS_OWNER", &owner);
+        }
+        let child = command.spawn().unwrap();
+        sandbox.guard(child.id());
+        child
+    };
+    let mut orphan = spawn(true);
+    let mut stranger = spawn(false);
+
+    let _restarted = sandbox.shimlet().await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        if let Some(status) = orphan.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the unrecorded engine still runs"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert!(!status.success(), "{status}");
+    assert!(alive(kept), "the recorded engine was killed");
+    assert!(
+        stranger.try_wait().unwrap().is_none(),
+        "an untagged process was killed"
+    );
+    let _ = stranger.kill();
+    let _ = stranger.wait();
+}
