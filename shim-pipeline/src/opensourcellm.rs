@@ -430,6 +430,9 @@ async fn already_applied(ctx: PipelineContext) -> bool {
     }
 }
 
+/// How often `wait_ready` starts an engine again whose port was taken before it could bind it.
+const PORT_RETRIES: u32 = 3;
+
 async fn wait_ready(setup: Arc<Setup>, ctx: PipelineContext) -> Result<(), StepError> {
     let workload = ctx.get::<WorkloadSpec>().ok_or_else(missing_step)?;
     let budget = workload.health.startup_timeout;
@@ -440,12 +443,26 @@ async fn wait_ready(setup: Arc<Setup>, ctx: PipelineContext) -> Result<(), StepE
     let mut last_report;
     let mut last_key = None;
     let mut reported_at = Instant::now();
+    let mut port_retries = 0;
     loop {
         let seen = ctx.shimlet().observe(ctx.service_id()).await?;
         let waited = started.elapsed().as_secs();
         let key = (seen.state, seen.ready_replicas);
         let report = match seen.state {
             WorkloadState::Ready => return Ok(()),
+            // Another program took the engine's port between its choice and the bind (a race
+            // no runtime can close): applying again starts it on a free port.
+            WorkloadState::Failed
+                if port_retries < PORT_RETRIES
+                    && seen
+                        .failure
+                        .as_ref()
+                        .is_some_and(|f| f.reason == FailureReason::PortInUse) =>
+            {
+                port_retries += 1;
+                ctx.shimlet().apply(&workload).await?;
+                format!("the engine's port was taken; starting it again (try {port_retries})")
+            }
             WorkloadState::Failed => {
                 let failure = seen.failure.unwrap_or(shim_core::shimlet::Failure {
                     reason: FailureReason::RuntimeError,
@@ -762,6 +779,82 @@ mod tests {
         assert_eq!(failure.error.kind, shim_core::StepErrorKind::Permanent);
         assert_eq!(failure.error.reason, FailureReason::Exited);
         assert!(failure.error.message.contains("error loading model"));
+    }
+
+    /// A runtime whose engine finds its port taken until it has been applied `until` times.
+    struct PortTaken {
+        applies: std::sync::atomic::AtomicU32,
+        until: u32,
+    }
+
+    #[async_trait::async_trait]
+    impl Shimlet for PortTaken {
+        async fn apply(&self, _: &WorkloadSpec) -> Result<(), shim_core::ShimletError> {
+            self.applies
+                .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            Ok(())
+        }
+        async fn observe(
+            &self,
+            _: &str,
+        ) -> Result<shim_core::WorkloadObservation, shim_core::ShimletError> {
+            let applies = self.applies.load(std::sync::atomic::Ordering::SeqCst);
+            Ok(if applies >= self.until {
+                shim_core::WorkloadObservation {
+                    state: WorkloadState::Ready,
+                    ready_replicas: 1,
+                    desired_replicas: 1,
+                    address: Some("http://127.0.0.1:9".into()),
+                    ..shim_core::WorkloadObservation::missing()
+                }
+            } else {
+                shim_core::WorkloadObservation {
+                    state: WorkloadState::Failed,
+                    failure: Some(shim_core::shimlet::Failure {
+                        reason: FailureReason::PortInUse,
+                        message: "failed to bind: Address already in use".into(),
+                    }),
+                    ..shim_core::WorkloadObservation::missing()
+                }
+            })
+        }
+        async fn delete(&self, _: &str) -> Result<shim_core::Removal, shim_core::ShimletError> {
+            Ok(shim_core::Removal::Gone)
+        }
+        async fn list(&self) -> Result<Vec<shim_core::ManagedWorkload>, shim_core::ShimletError> {
+            Ok(vec![])
+        }
+    }
+
+    async fn run_port_taken(until: u32) -> (Result<(), shim_core::pipeline::StepFailure>, u32) {
+        let s = setup(serde_json::json!({}));
+        let pipeline = build(&s.settings).unwrap();
+        let runtime = Arc::new(PortTaken {
+            applies: 0.into(),
+            until,
+        });
+        let ctx = PipelineContext::new(
+            "x",
+            1,
+            DeploySpec::named("qwen"),
+            runtime.clone(),
+            Arc::new(Quiet),
+        );
+        let result = pipeline.run(&ctx).await;
+        let applies = runtime.applies.load(std::sync::atomic::Ordering::SeqCst);
+        (result, applies)
+    }
+
+    #[tokio::test]
+    async fn a_taken_port_is_retried_on_a_new_start_a_few_times_then_fails() {
+        let (result, applies) = run_port_taken(2).await;
+        assert!(result.is_ok(), "{result:?}");
+        assert_eq!(applies, 2, "applied once more after the port was taken");
+        let (result, applies) = run_port_taken(u32::MAX).await;
+        let failure = result.unwrap_err();
+        assert_eq!(failure.step, "wait_ready");
+        assert_eq!(failure.error.reason, FailureReason::PortInUse);
+        assert_eq!(applies, 1 + PORT_RETRIES);
     }
 
     #[tokio::test]
