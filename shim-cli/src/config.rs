@@ -152,8 +152,25 @@ pub struct EngineSection {
     /// `enforce` (refuse requests that do not fit the GPUs, 422), `warn` or `off`.
     pub fit_check: shim_core::FitCheck,
     /// Where desired state lives: `redb` (a file in `dataDir`) or `kubernetes` (ModelService
-    /// resources in the namespace of `shimlets.k8s`).
-    pub store: StoreKind,
+    /// resources in the namespace of `shimlets.k8s`). Unset: `kubernetes` when the shimlet is
+    /// `k8s` and the shim runs inside a cluster, else `redb` ([`EngineSection::store_kind`]).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub store: Option<StoreKind>,
+}
+
+impl EngineSection {
+    /// The store to use: `engine.store`, else the default for where the shim runs.
+    pub fn store_kind(&self, shimlet: &str) -> StoreKind {
+        match self.store {
+            Some(kind) => kind,
+            // In a cluster, desired state belongs in the cluster: it outlives any volume, and
+            // several replicas can share it.
+            None if shimlet == "k8s" && std::env::var_os("KUBERNETES_SERVICE_HOST").is_some() => {
+                StoreKind::Kubernetes
+            }
+            None => StoreKind::Redb,
+        }
+    }
 }
 
 /// `engine.store`.
@@ -184,7 +201,7 @@ impl Default for EngineSection {
             gpus: core.gpus,
             share_gpus: core.share_gpus,
             fit_check: core.fit_check,
-            store: StoreKind::default(),
+            store: None,
         }
     }
 }

@@ -60,7 +60,8 @@ pub struct ServeArgs {
     /// Engine preset for requests that name none [config: engine.defaultEngine; default vllm].
     #[arg(long)]
     pub default_engine: Option<String>,
-    /// Where desired state lives: redb or kubernetes [config: engine.store; default redb].
+    /// Where desired state lives: redb or kubernetes [config: engine.store; default kubernetes
+    /// with --shimlet k8s inside a cluster, else redb].
     #[arg(long)]
     pub store: Option<String>,
 }

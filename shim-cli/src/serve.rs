@@ -18,7 +18,10 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     let config = settings.engine_config();
     std::fs::create_dir_all(&config.data_dir)
         .with_context(|| format!("cannot create data directory {}", config.data_dir.display()))?;
-    let (store, kube_store): (Arc<dyn Store>, _) = match settings.engine.store {
+    let store_kind = settings
+        .engine
+        .store_kind(&settings.plugins.default_shimlet);
+    let (store, kube_store): (Arc<dyn Store>, _) = match store_kind {
         StoreKind::Redb => {
             let store_path = config.data_dir.join("state.redb");
             // The store's errors name the file and say what to do.
@@ -42,16 +45,24 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
             (Arc::new(store.clone()), Some(store))
         }
     };
-    let engine = Engine::builder()
+    // Desired state in the cluster: several replicas may share it, and only the holder of the
+    // Lease reconciles.
+    let election = kube_store.as_ref().map(|store| {
+        let identity = replica_identity();
+        tracing::info!(%identity, lease = LEASE_NAME, "competing for the reconciler's lease");
+        store.elect(LEASE_NAME, identity)
+    });
+    let mut builder = Engine::builder()
         .config(config)
         .store(store)
         .shimlet(settings.plugins.default_shimlet.clone())
-        .pipeline_named(settings.plugins.default_pipeline.clone())
-        .build()
-        .await
-        .context("cannot start the engine")?;
-    if let Some(store) = kube_store {
-        follow_cluster(engine.clone(), store);
+        .pipeline_named(settings.plugins.default_pipeline.clone());
+    if let Some(election) = &election {
+        builder = builder.leadership(election.leading());
+    }
+    let engine = builder.build().await.context("cannot start the engine")?;
+    if let (Some(store), Some(election)) = (kube_store, &election) {
+        follow_cluster(engine.clone(), store, election.leading());
     }
     let address = format!("{}:{}", settings.service.host, settings.service.port);
     let listener = tokio::net::TcpListener::bind(&address)
@@ -106,20 +117,61 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     }
     tracing::info!("shutting down; workloads keep running and are re-adopted on the next start");
     engine.shutdown().await;
+    if let Some(election) = election {
+        // Another replica takes over at once instead of after the lease runs out.
+        election.release().await;
+    }
     Ok(())
 }
 
-/// Follows what someone else did to the ModelServices (`kubectl apply`, `scale`, `delete`):
+/// The Lease the replicas of one installation (one namespace) compete for.
+const LEASE_NAME: &str = "xmod-shim-leader";
+
+/// This replica's name in the Lease: the pod's name (`POD_NAME`, from the downward API in
+/// deploy/), else host name and process id.
+fn replica_identity() -> String {
+    if let Ok(pod) = std::env::var("POD_NAME")
+        && !pod.is_empty()
+    {
+        return pod;
+    }
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .unwrap_or_else(|_| "shim".into());
+    format!("{host}-{}", std::process::id())
+}
+
+/// Follows what others did to the ModelServices. Every replica mirrors the records other
+/// replicas wrote; the leader also acts for kubectl users (`kubectl apply`, `scale`, `delete`):
 /// the engine adopts, updates or deletes. A resource the engine refuses to adopt is marked
-/// failed with the engine's words, so `kubectl get` shows why nothing runs.
-fn follow_cluster(engine: Engine, store: shim_shimlet_k8s::store::KubeStore) {
+/// failed with the engine's words, so `kubectl get` shows why nothing runs. A replica that
+/// takes the lead is offered again what the previous leader may have left undone.
+fn follow_cluster(
+    engine: Engine,
+    store: shim_shimlet_k8s::store::KubeStore,
+    mut leading: tokio::sync::watch::Receiver<bool>,
+) {
     use shim_shimlet_k8s::store::ClusterChange;
     let Some(mut changes) = store.changes() else {
         return;
     };
+    let rescan = store.clone();
+    tokio::spawn(async move {
+        while leading.changed().await.is_ok() {
+            if *leading.borrow_and_update() {
+                rescan.rescan();
+            }
+        }
+    });
     tokio::spawn(async move {
         while let Some(change) = changes.recv().await {
+            if change.for_leader() && !engine.is_leader() {
+                continue;
+            }
             match change {
+                ClusterChange::Record(record) => {
+                    engine.mirror(*record);
+                }
                 ClusterChange::Adopt { id, spec } => match engine.adopt(id.clone(), spec).await {
                     Ok(()) => tracing::info!(%id, "adopted a ModelService"),
                     Err(err) => {

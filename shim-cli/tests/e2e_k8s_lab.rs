@@ -236,6 +236,10 @@ const NOT_SEEN_IN_THIS_TEST: &[&str] = &[
     "modelservices:delete",
     "modelservices/status:patch",
     "events:create",
+    // The leader election of `engine.store: kubernetes` (tests/e2e_k8s_ha.rs).
+    "leases:get",
+    "leases:create",
+    "leases:update",
 ];
 
 /// `resource:verb` for every rule of the Role in `deploy/rbac.yaml`.

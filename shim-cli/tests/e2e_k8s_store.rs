@@ -11,105 +11,15 @@
 mod common;
 #[path = "common/k8s_lab.rs"]
 mod k8s_lab;
+#[path = "common/k8s_store.rs"]
+mod k8s_store;
 
-use std::path::Path;
-
-use common::{Shim, deploy, free_port, send, wait_for, wait_status};
-use k8s_lab::Lab;
-use serde_json::{Value, json};
-
-const NAMESPACE: &str = "xmod-shim";
-
-fn manifest(path: &str) -> std::path::PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join(path)
-}
-
-/// A lab with the CRD installed (and Established), `deploy/rbac.yaml` applied, and a kubeconfig
-/// for the shim's ServiceAccount.
-fn lab_with_crd_and_rbac() -> (Lab, std::path::PathBuf) {
-    let lab = Lab::up();
-    lab.apply_file(NAMESPACE, &manifest("deploy/crds/modelservices.yaml"));
-    wait_for("the ModelService CRD to be Established", 30, || {
-        let crd = lab.get(
-            "/apis/apiextensions.k8s.io/v1/customresourcedefinitions/modelservices.xmod-shim.io",
-        );
-        crd["status"]["conditions"]
-            .as_array()?
-            .iter()
-            .any(|c| c["type"] == "Established" && c["status"] == "True")
-            .then_some(())
-    });
-    lab.namespace(NAMESPACE);
-    lab.apply_file(NAMESPACE, &manifest("deploy/rbac.yaml"));
-    let kubeconfig = lab.service_account_kubeconfig(NAMESPACE, "xmod-shim");
-    (lab, kubeconfig)
-}
-
-fn start_shim(dir: &Path, kubeconfig: &Path, port: u16) -> Shim {
-    let config = json!({
-        "plugins": {"defaultShimlet": "k8s"},
-        "pipelines": {"opensourcellm": {"checkModelDir": false}},
-        "shimlets": {"k8s": {"kubeConfig": kubeconfig, "namespace": NAMESPACE}},
-    });
-    let path = dir.join("shim.yaml");
-    std::fs::write(&path, serde_yaml::to_string(&config).unwrap()).unwrap();
-    Shim::start_with(
-        &dir.join("data"),
-        &dir.join("models"),
-        port,
-        &["--config", path.to_str().unwrap(), "--store", "kubernetes"],
-    )
-}
-
-fn mock(model: &str) -> Value {
-    json!({"modelName": model, "engine": "mock", "replicaCount": 1,
-           "resourceRequirements": {"acceleratorCount": 0}})
-}
-
-fn model_service_path(name: &str) -> String {
-    format!("/apis/xmod-shim.io/v1alpha1/namespaces/{NAMESPACE}/modelservices/{name}")
-}
-
-fn model_service(lab: &Lab, name: &str) -> Option<Value> {
-    let (code, body) = lab.request("GET", &model_service_path(name), None);
-    match code {
-        200 => Some(body),
-        404 => None,
-        other => panic!("GET modelservice {name}: {other} {body}"),
-    }
-}
-
-fn names(lab: &Lab, path: &str) -> Vec<String> {
-    let list = lab.get(path);
-    list["items"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|o| o["metadata"]["name"].as_str().unwrap().to_string())
-        .collect()
-}
-
-fn workloads_of(lab: &Lab, id: &str) -> (Vec<String>, Vec<String>) {
-    let suffix = format!("-{id}");
-    let keep = |v: Vec<String>| v.into_iter().filter(|n| n.ends_with(&suffix)).collect();
-    (
-        keep(names(
-            lab,
-            &format!("/apis/apps/v1/namespaces/{NAMESPACE}/deployments"),
-        )),
-        keep(names(
-            lab,
-            &format!("/api/v1/namespaces/{NAMESPACE}/services"),
-        )),
-    )
-}
-
-fn wait_model_service_running(lab: &Lab, name: &str) -> Value {
-    wait_for(&format!("ModelService {name} to read running"), 60, || {
-        let object = model_service(lab, name)?;
-        (object["status"]["phase"] == "running").then_some(object)
-    })
-}
+use common::{deploy, free_port, send, wait_for, wait_status};
+use k8s_store::{
+    NAMESPACE, lab_with_crd_and_rbac, mock, model_service, model_service_path, names, start_shim,
+    wait_model_service_running, workloads_of,
+};
+use serde_json::json;
 
 #[test]
 fn model_services_hold_desired_state_through_deploy_adoption_restart_and_delete() {
@@ -144,6 +54,29 @@ fn model_services_hold_desired_state_through_deploy_adoption_restart_and_delete(
         object["metadata"]["annotations"]["xmod-shim.io/record"].is_string(),
         "{object}"
     );
+    // The finalizer holds a deleted ModelService for its teardown; the workload belongs to it,
+    // so the garbage collector removes it even when no shim runs.
+    assert_eq!(
+        object["metadata"]["finalizers"],
+        json!(["xmod-shim.io/teardown"]),
+        "{object}"
+    );
+    let (deployments, services) = workloads_of(&lab, &id);
+    for path in [
+        format!(
+            "/apis/apps/v1/namespaces/{NAMESPACE}/deployments/{}",
+            deployments[0]
+        ),
+        format!("/api/v1/namespaces/{NAMESPACE}/services/{}", services[0]),
+    ] {
+        let owners = lab.get(&path)["metadata"]["ownerReferences"].clone();
+        assert_eq!(owners[0]["kind"], "ModelService", "{path}: {owners}");
+        assert_eq!(owners[0]["name"], id.as_str(), "{path}: {owners}");
+        assert_eq!(
+            owners[0]["uid"], object["metadata"]["uid"],
+            "{path}: {owners}"
+        );
+    }
 
     // `kubectl describe` has the story: Events on the ModelService, up to running.
     let reasons = wait_for("an Event saying Running", 30, || {

@@ -25,6 +25,8 @@ use crate::spec::{DeploySpec, ValidationPolicy};
 use crate::store::{Ack, MemoryStore, Store};
 use crate::workload::FailureReason;
 
+mod leadership;
+
 /// The running engine. Cheap to clone; clones share one engine.
 #[derive(Clone)]
 pub struct Engine {
@@ -60,6 +62,9 @@ struct Inner {
     shutdown: CancellationToken,
     tasks: Mutex<Vec<JoinHandle<()>>>,
     stats: ReconcileStats,
+    /// Whether this engine may run pipelines now: `None` = always (one engine per store); with
+    /// several replicas on one store, only the holder of the lease (see [`leadership`]).
+    leading: Option<tokio::sync::watch::Receiver<bool>>,
 }
 
 /// Counters the engine keeps about its reconciler, for metrics.
@@ -111,6 +116,7 @@ pub struct EngineBuilder {
     shimlet_maker: Option<ShimletMaker>,
     pipeline: Option<Pipeline>,
     pipeline_name: Option<String>,
+    leading: Option<tokio::sync::watch::Receiver<bool>>,
 }
 
 impl EngineBuilder {
@@ -152,6 +158,15 @@ impl EngineBuilder {
     /// A registered pipeline by name.
     pub fn pipeline_named(mut self, name: impl Into<String>) -> Self {
         self.pipeline_name = Some(name.into());
+        self
+    }
+
+    /// Runs pipelines only while `leading` reads `true`: for several engines sharing one store,
+    /// each asking "may I reconcile now?" of a leader election (a Kubernetes Lease, say). The
+    /// others answer reads and accept requests into the store, and follow the leader's writes
+    /// through [`Engine::mirror`]. Without it the engine always leads.
+    pub fn leadership(mut self, leading: tokio::sync::watch::Receiver<bool>) -> Self {
+        self.leading = Some(leading);
         self
     }
 
@@ -208,11 +223,15 @@ impl EngineBuilder {
             shutdown: CancellationToken::new(),
             tasks: Mutex::default(),
             stats: ReconcileStats::default(),
+            leading: self.leading,
             config,
         });
         let engine = Engine { inner };
-        engine.report_orphans().await;
+        if engine.is_leader() {
+            engine.report_orphans().await;
+        }
         engine.start_workers();
+        engine.follow_leadership();
         Ok(engine)
     }
 }
@@ -227,6 +246,7 @@ impl Engine {
             shimlet_maker: None,
             pipeline: None,
             pipeline_name: None,
+            leading: None,
         }
     }
 
@@ -761,12 +781,19 @@ impl Engine {
                 _ = self.inner.shutdown.cancelled() => return,
                 _ = ticker.tick() => {}
             }
-            self.enqueue_all();
+            if self.is_leader() {
+                self.enqueue_all();
+            }
         }
     }
 
     async fn work(&self) {
         while let Some(id) = self.inner.queue.next().await {
+            // A follower leaves the work to the leader; it queues everything again when it leads.
+            if !self.is_leader() {
+                self.inner.queue.done(&id);
+                continue;
+            }
             let started = Instant::now();
             // Each reconcile runs in its own task so a panicking step cannot take a worker down.
             let engine = self.clone();

@@ -877,6 +877,7 @@ pub(crate) async fn healthz(State(state): State<AppState>) -> Response {
     struct Health<'a> {
         shimlet: &'a str,
         pipeline: &'a str,
+        leader: bool,
     }
     let engine = state.engine();
     respond(
@@ -885,6 +886,7 @@ pub(crate) async fn healthz(State(state): State<AppState>) -> Response {
         Some(Health {
             shimlet: engine.shimlet_name(),
             pipeline: engine.pipeline().name(),
+            leader: engine.is_leader(),
         }),
     )
 }

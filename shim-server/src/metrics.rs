@@ -172,6 +172,14 @@ pub(crate) fn render(engine: &Engine, http: &HttpMetrics) -> String {
         let _ = writeln!(out, "xmod_shim_services{{phase=\"{phase}\"}} {count}");
     }
 
+    let _ = writeln!(
+        out,
+        "# HELP xmod_shim_leader 1 while this replica runs the reconciler (always, for a single shim).\n\
+         # TYPE xmod_shim_leader gauge\n\
+         xmod_shim_leader {}",
+        u8::from(engine.is_leader())
+    );
+
     let stats = engine.reconcile_stats();
     let total = stats.total.load(Ordering::Relaxed);
     let errors = stats.errors.load(Ordering::Relaxed);

@@ -20,6 +20,9 @@ pub const VERSION: &str = "v1alpha1";
 /// Annotation that holds the engine's whole [`ServiceRecord`] as JSON, so a restarted shim
 /// rebuilds exactly what it had (steps, restarts, timestamps) rather than a lossy projection.
 pub const ANNOTATION_RECORD: &str = "xmod-shim.io/record";
+/// Finalizer on every ModelService the shim writes: a deleted one stays, `terminating`, until the
+/// engine has torn its workload down.
+pub const FINALIZER: &str = "xmod-shim.io/teardown";
 
 /// A model service: the deploy request as a Kubernetes resource.
 // Clippy reads the repeated `type_ = "string"` of separate `printcolumn(...)` entries as one

@@ -49,6 +49,7 @@ mod client;
 mod config;
 pub mod crd;
 mod errors;
+pub mod lease;
 mod names;
 mod ratelimit;
 mod render;

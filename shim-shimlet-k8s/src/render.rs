@@ -50,6 +50,23 @@ pub struct Manifests {
 }
 
 impl Manifests {
+    /// Makes both objects dependents of ModelService `owner` (uid `uid`), so the cluster's
+    /// garbage collector removes them with it, also when no shim runs. `blockOwnerDeletion`
+    /// stays off: setting it needs rights on the owner's finalizers, and the shim's own finalizer
+    /// already holds a deleted ModelService until the teardown is done.
+    pub fn owned_by(&mut self, owner: &str, uid: &str) {
+        let reference = k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference {
+            api_version: format!("{}/{}", crate::crd::GROUP, crate::crd::VERSION),
+            kind: "ModelService".into(),
+            name: owner.into(),
+            uid: uid.into(),
+            controller: Some(true),
+            block_owner_deletion: None,
+        };
+        self.deployment.metadata.owner_references = Some(vec![reference.clone()]);
+        self.service.metadata.owner_references = Some(vec![reference]);
+    }
+
     /// Both objects as a Kubernetes `List`, ready for `kubectl apply -f -`.
     pub fn to_list(&self) -> serde_json::Value {
         serde_json::json!({

@@ -278,8 +278,12 @@ impl Inner {
 impl Shimlet for K8sShimlet {
     async fn apply(&self, workload: &WorkloadSpec) -> Result<(), ShimletError> {
         let inner = &self.inner;
-        let manifests = inner.renderer.render(workload)?;
+        let mut manifests = inner.renderer.render(workload)?;
         let id = &workload.service_id;
+        // With desired state in ModelServices (`--store kubernetes`), the objects belong to theirs.
+        if let Some(uid) = crate::store::owner_uid(&inner.origin, inner.renderer.namespace(), id) {
+            manifests.owned_by(id, &uid);
+        }
         // A service that waits (unschedulable, loading) runs its pipeline again and again; when
         // the cluster already holds exactly what this generation applied, sending it again
         // would only cost API server requests.

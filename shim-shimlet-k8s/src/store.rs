@@ -22,11 +22,29 @@
 //!   - deleted (`kubectl delete`) while the engine wants it → delete; the engine's writes for it
 //!     are then not applied (they would create it again) until its teardown is done.
 //!
-//! Not yet: a finalizer (a delete missed while the watch is down, or while no shim runs, leaves
-//! the workload as an orphan), leader election.
+//!
+//! # Several replicas
+//! Every replica serves reads from memory and writes requests into the resources; one, the
+//! holder of the Lease ([`crate::lease`]), reconciles. Each write carries the resourceVersion last
+//! seen, so a write based on an old state is refused (409) instead of overwriting another
+//! replica's: the store then reads the resource again and either writes on top of it (same
+//! generation: only the observed part differs) or drops its own write as superseded and hands
+//! the newer record to the engine ([`ClusterChange::Record`]). The watch hands every record
+//! written by another replica to the engine the same way ([`shim_core::Engine::mirror`]), so
+//! followers' reads and event streams follow the leader, and the leader picks up requests
+//! that followers accepted. Adopting, updating and deleting on behalf of kubectl is the
+//! leader's job; [`KubeStore::rescan`] offers all of it again when a replica takes the lead.
+//!
+//! # Deletion and ownership
+//! Every ModelService carries the finalizer [`FINALIZER`]: a `kubectl delete` (or a REST
+//! delete) leaves it in place, `terminating`, until the engine has torn the workload down, and
+//! only then is the finalizer removed. The k8s shimlet's Deployment and Service carry an
+//! ownerReference to their ModelService ([`owner_uid`]), so the cluster's garbage collector
+//! removes them even when no shim runs: `kubectl delete --cascade=foreground` deletes them at
+//! once; the ModelService itself then waits, `terminating`, for a shim to confirm.
 
 use std::collections::{HashMap, HashSet, VecDeque};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, LazyLock, Mutex, Weak};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -42,7 +60,7 @@ use shim_core::{DeploySpec, Phase};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::config::K8sConfig;
-use crate::crd::{ANNOTATION_RECORD, ModelService, ModelServiceSpec, status_of};
+use crate::crd::{ANNOTATION_RECORD, FINALIZER, ModelService, ModelServiceSpec, status_of};
 use crate::errors::status_of as http_status;
 use crate::names::{FIELD_MANAGER, LABEL_MANAGED_BY, MANAGED_BY_VALUE};
 
@@ -134,6 +152,39 @@ pub enum ClusterChange {
         /// The service id.
         id: String,
     },
+    /// Another replica wrote this record (its request, or the leader's progress): hand it to
+    /// [`shim_core::Engine::mirror`].
+    Record(Box<ServiceRecord>),
+}
+
+impl ClusterChange {
+    /// Whether only the leader acts on it (what kubectl users did), rather than every replica.
+    pub fn for_leader(&self) -> bool {
+        !matches!(self, Self::Record(_))
+    }
+}
+
+/// What the store keeps of a resource it saw: what its writes and the engine need, not the
+/// whole object.
+#[derive(Debug, Clone, Default)]
+struct Seen {
+    uid: Option<String>,
+    /// The newest resourceVersion seen or written, for the next write's precondition.
+    resource_version: Option<String>,
+    /// The resourceVersion this process's own last write produced: watch events up to it are
+    /// echoes.
+    written: Option<u64>,
+    deleting: bool,
+    has_finalizer: bool,
+    /// The spec, when it is not the one in the record annotation: made or edited by someone else.
+    outside_spec: Option<ModelServiceSpec>,
+    /// Whether it carries a record annotation (else it was made by someone else: adopt it).
+    annotated: bool,
+}
+
+/// resourceVersions are etcd revisions: numbers that grow with every write.
+fn revision(rv: Option<&str>) -> Option<u64> {
+    rv.and_then(|v| v.parse().ok())
 }
 
 enum Job {
@@ -149,8 +200,8 @@ struct Inner {
     /// Every record this process knows, deleted ones included (as history).
     records: Mutex<HashMap<String, ServiceRecord>>,
     events: Mutex<HashMap<String, VecDeque<Event>>>,
-    /// Resource uid per name, for the Events' `involvedObject`.
-    uids: Mutex<HashMap<String, String>>,
+    /// What was last seen of each resource, by name.
+    seen: Mutex<HashMap<String, Seen>>,
     /// Names already handed out for adoption (each is handed out once).
     offered: Mutex<HashSet<String>>,
     /// The last spec handed out as an update per name (each change is handed out once).
@@ -239,13 +290,14 @@ impl KubeStore {
             history,
             records: Mutex::default(),
             events: Mutex::default(),
-            uids: Mutex::default(),
+            seen: Mutex::default(),
             offered: Mutex::default(),
             offered_specs: Mutex::default(),
             gone: Mutex::default(),
             resave: Mutex::default(),
             adopt_tx,
         });
+        register_owners(origin, &inner);
         let (writer, jobs) = mpsc::unbounded_channel();
         tokio::spawn(write_loop(inner.clone(), jobs, writer.downgrade()));
         tokio::spawn(watch_loop(inner.clone()));
@@ -299,6 +351,73 @@ impl KubeStore {
     pub fn namespace(&self) -> &str {
         &self.inner.namespace
     }
+
+    /// Starts competing for Lease `lease` (in the store's namespace) as `identity`; see
+    /// [`crate::lease`].
+    pub fn elect(&self, lease: &str, identity: String) -> crate::lease::Election {
+        crate::lease::Election::start(
+            self.inner.api.clone().into_client(),
+            &self.inner.namespace,
+            lease,
+            identity,
+        )
+    }
+
+    /// Offers again everything kubectl users did that a leader must act on (resources to adopt,
+    /// edited specs, deletions): for a replica that has just taken the lead, since the previous
+    /// leader may have died before acting.
+    pub fn rescan(&self) {
+        if let Ok(mut offered) = self.inner.offered.lock() {
+            offered.clear();
+        }
+        if let Ok(mut offered) = self.inner.offered_specs.lock() {
+            offered.clear();
+        }
+        let seen: Vec<(String, Seen)> = match self.inner.seen.lock() {
+            Ok(seen) => seen.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+            Err(_) => return,
+        };
+        for (name, seen) in seen {
+            for change in outside_changes(&self.inner, &name, &seen) {
+                if self.inner.adopt_tx.send(change).is_err() {
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// The stores of this process by API server and namespace, for [`owner_uid`].
+static OWNERS: LazyLock<Mutex<HashMap<String, Weak<Inner>>>> = LazyLock::new(Mutex::default);
+
+fn owners_key(origin: &str, namespace: &str) -> String {
+    format!("{origin}|{namespace}")
+}
+
+fn register_owners(origin: &str, inner: &Arc<Inner>) {
+    if let Ok(mut owners) = OWNERS.lock() {
+        owners.retain(|_, store| store.strong_count() > 0);
+        owners.insert(owners_key(origin, &inner.namespace), Arc::downgrade(inner));
+    }
+}
+
+/// The uid of ModelService `name`, when a [`KubeStore`] of this process keeps desired state on
+/// the same API server (`origin`, as [`crate::connect`] names it) and in the same namespace:
+/// what the k8s shimlet puts in its objects' ownerReferences. The key includes the API server,
+/// because an ownerReference to a uid that does not exist makes the garbage collector delete
+/// the object.
+pub fn owner_uid(origin: &str, namespace: &str, name: &str) -> Option<String> {
+    let inner = OWNERS
+        .lock()
+        .ok()?
+        .get(&owners_key(origin, namespace))?
+        .upgrade()?;
+    let seen = inner.seen.lock().ok()?;
+    let seen = seen.get(name)?;
+    if seen.deleting {
+        return None;
+    }
+    seen.uid.clone()
 }
 
 #[async_trait]
@@ -350,7 +469,7 @@ impl Store for KubeStore {
         let mut live = Vec::new();
         for object in list.items {
             let name = object.name_any();
-            remember_uid(&self.inner, &object);
+            remember(&self.inner, &object, false);
             // Resources without a record were made by someone else: the watch offers them for
             // adoption. A damaged record is refused loudly rather than guessed at.
             let Some(record) = record_of(&object)? else {
@@ -417,10 +536,42 @@ fn record_of(object: &ModelService) -> shim_core::Result<Option<ServiceRecord>> 
     })
 }
 
-fn remember_uid(inner: &Inner, object: &ModelService) {
-    if let (Some(uid), Ok(mut uids)) = (object.uid(), inner.uids.lock()) {
-        uids.insert(object.name_any(), uid);
+/// Notes what `object` shows; `mine` when it is the answer to this process's own write. Returns
+/// whether it is newer than this process's last write (someone else's change).
+fn remember(inner: &Inner, object: &ModelService, mine: bool) -> bool {
+    let name = object.name_any();
+    let Ok(mut seen) = inner.seen.lock() else {
+        return false;
+    };
+    let entry = seen.entry(name).or_default();
+    let rv = object.resource_version();
+    let revision_now = revision(rv.as_deref());
+    // Watch events can trail this process's own writes: never go back to an older version.
+    if revision_now.is_none()
+        || revision(entry.resource_version.as_deref()).is_none_or(|old| revision_now >= Some(old))
+    {
+        entry.resource_version = rv;
     }
+    if mine {
+        entry.written = revision_now;
+    }
+    let newer = !mine
+        && entry
+            .written
+            .is_none_or(|w| revision_now.is_none_or(|now| now > w));
+    if let Some(uid) = object.uid() {
+        entry.uid = Some(uid);
+    }
+    entry.deleting = object.meta().deletion_timestamp.is_some();
+    entry.has_finalizer = object.finalizers().iter().any(|f| f == FINALIZER);
+    let record_spec = object
+        .annotations()
+        .get(ANNOTATION_RECORD)
+        .and_then(|json| serde_json::from_str::<ServiceRecord>(json).ok())
+        .map(|record| ModelServiceSpec::from(&record.spec));
+    entry.annotated = record_spec.is_some();
+    entry.outside_spec = (record_spec.as_ref() != Some(&object.spec)).then(|| object.spec.clone());
+    newer
 }
 
 /// Applies queued writes in order. Each batch is what has queued meanwhile: per service only the
@@ -512,12 +663,17 @@ fn resave_later(inner: &Arc<Inner>, id: &str, requeue: mpsc::WeakUnboundedSender
     });
 }
 
-/// Whether an error may pass by itself: conflicts, throttling, server errors, transport.
+/// Whether an error may pass by itself: throttling, server errors, transport. (A conflict is a
+/// newer write by someone else: [`write_record`] reads what it was.)
 fn transient(err: &kube::Error) -> bool {
     match http_status(err) {
-        Some(code) => code == 409 || code == 429 || code >= 500,
+        Some(code) => code == 429 || code >= 500,
         None => true,
     }
+}
+
+fn conflict(err: &KubeStoreError) -> bool {
+    matches!(err, KubeStoreError::Api { source, .. } if http_status(source) == Some(409))
 }
 
 async fn retrying<T, F, Fut>(
@@ -562,14 +718,7 @@ async fn write_record(inner: &Inner, record: &ServiceRecord) -> Result<(), KubeS
         if let Ok(mut gone) = inner.gone.lock() {
             gone.remove(name);
         }
-        return retrying("delete", name, || async {
-            match inner.api.delete(name, &DeleteParams::default()).await {
-                Ok(_) => Ok(()),
-                Err(err) if http_status(&err) == Some(404) => Ok(()),
-                Err(err) => Err(err),
-            }
-        })
-        .await;
+        return remove(inner, name).await;
     }
     // Deleted by someone else: applying would create it again; the teardown's last write
     // (above) ends this.
@@ -580,24 +729,44 @@ async fn write_record(inner: &Inner, record: &ServiceRecord) -> Result<(), KubeS
         name: name.to_string(),
         source,
     })?;
-    let object = serde_json::json!({
-        "apiVersion": "xmod-shim.io/v1alpha1",
-        "kind": "ModelService",
-        "metadata": {
-            "name": name,
-            "labels": { LABEL_MANAGED_BY: MANAGED_BY_VALUE },
-            "annotations": { ANNOTATION_RECORD: json },
-        },
-        "spec": ModelServiceSpec::from(&record.spec),
-    });
     // `force`: the shim owns the fields it writes, also of a resource someone else created.
     let params = PatchParams::apply(FIELD_MANAGER).force();
-    let spec_patch = Patch::Apply(&object);
-    let applied = retrying("apply", name, || {
-        inner.api.patch(name, &params, &spec_patch)
-    })
-    .await?;
-    remember_uid(inner, &applied);
+    let mut attempt = 1;
+    let applied = loop {
+        let known = inner.seen.lock().ok().and_then(|s| s.get(name).cloned());
+        let mut metadata = serde_json::json!({
+            "name": name,
+            "labels": { LABEL_MANAGED_BY: MANAGED_BY_VALUE },
+            "annotations": { ANNOTATION_RECORD: &json },
+            "finalizers": [FINALIZER],
+        });
+        // The precondition: refused if another replica wrote since this process last saw it.
+        if let Some(rv) = known.as_ref().and_then(|k| k.resource_version.clone()) {
+            metadata["resourceVersion"] = rv.into();
+        }
+        let object = serde_json::json!({
+            "apiVersion": "xmod-shim.io/v1alpha1",
+            "kind": "ModelService",
+            "metadata": metadata,
+            "spec": ModelServiceSpec::from(&record.spec),
+        });
+        let spec_patch = Patch::Apply(&object);
+        match retrying("apply", name, || {
+            inner.api.patch(name, &params, &spec_patch)
+        })
+        .await
+        {
+            Ok(applied) => break applied,
+            Err(err) if conflict(&err) && attempt < ATTEMPTS => {
+                attempt += 1;
+                if superseded(inner, record).await? {
+                    return Ok(());
+                }
+            }
+            Err(err) => return Err(err),
+        }
+    };
+    remember(inner, &applied, true);
     let status = serde_json::json!({
         "apiVersion": "xmod-shim.io/v1alpha1",
         "kind": "ModelService",
@@ -605,14 +774,99 @@ async fn write_record(inner: &Inner, record: &ServiceRecord) -> Result<(), KubeS
         "status": status_of(record, applied.meta().generation),
     });
     let status_patch = Patch::Apply(&status);
-    retrying("write the status of", name, || {
+    let written = retrying("write the status of", name, || {
         inner.api.patch_status(name, &params, &status_patch)
     })
     .await?;
+    remember(inner, &written, true);
     Ok(())
 }
 
-/// Creates a core/v1 Event on the ModelService for one transition.
+/// After a conflict: reads the resource again. Returns whether it holds a newer request than
+/// `record` (a later generation, or another request at the same generation), which the engine
+/// is then given instead of this write going through.
+async fn superseded(inner: &Inner, record: &ServiceRecord) -> Result<bool, KubeStoreError> {
+    let name = record.id.as_str();
+    let Some(current) = retrying("read", name, || inner.api.get_opt(name)).await? else {
+        if let Ok(mut seen) = inner.seen.lock() {
+            seen.remove(name);
+        }
+        return Ok(false);
+    };
+    remember(inner, &current, false);
+    let theirs = record_of(&current).ok().flatten();
+    let newer = theirs.filter(|theirs| {
+        theirs.generation > record.generation
+            || (theirs.generation == record.generation
+                && (theirs.spec != record.spec || theirs.desired != record.desired))
+    });
+    match newer {
+        Some(theirs) => {
+            tracing::info!(id = %name, generation = theirs.generation, "another replica wrote a newer request; following it");
+            if let Ok(mut records) = inner.records.lock() {
+                records.insert(name.to_string(), theirs.clone());
+            }
+            let _ = inner.adopt_tx.send(ClusterChange::Record(Box::new(theirs)));
+            Ok(true)
+        }
+        None => Ok(false),
+    }
+}
+
+/// Ends a resource whose teardown is done: deletes it (it stays while it has finalizers) and
+/// removes [`FINALIZER`], so it goes.
+async fn remove(inner: &Inner, name: &str) -> Result<(), KubeStoreError> {
+    let held = retrying("delete", name, || async {
+        match inner.api.delete(name, &DeleteParams::default()).await {
+            Ok(either) => Ok(either.left()),
+            Err(err) if http_status(&err) == Some(404) => Ok(None),
+            Err(err) => Err(err),
+        }
+    })
+    .await?;
+    let mut current = held;
+    for _ in 0..ATTEMPTS {
+        let Some(object) = current.take() else {
+            break;
+        };
+        let rest: Vec<&String> = object
+            .finalizers()
+            .iter()
+            .filter(|f| *f != FINALIZER)
+            .collect();
+        if rest.len() == object.finalizers().len() {
+            break;
+        }
+        // The resourceVersion guards the list: another controller's finalizer added meanwhile
+        // is not dropped.
+        let patch = serde_json::json!({
+            "metadata": { "finalizers": rest, "resourceVersion": object.resource_version() }
+        });
+        match inner
+            .api
+            .patch(name, &PatchParams::default(), &Patch::Merge(&patch))
+            .await
+        {
+            Ok(_) => break,
+            Err(err) if http_status(&err) == Some(404) => break,
+            Err(err) if http_status(&err) == Some(409) || transient(&err) => {
+                current = retrying("read", name, || inner.api.get_opt(name)).await?;
+            }
+            Err(source) => {
+                return Err(KubeStoreError::Api {
+                    action: "remove the finalizer of",
+                    name: name.to_string(),
+                    source,
+                });
+            }
+        }
+    }
+    if let Ok(mut seen) = inner.seen.lock() {
+        seen.remove(name);
+    }
+    Ok(())
+}
+
 async fn publish(inner: &Inner, event: &Event) -> Result<(), KubeStoreError> {
     let EventKind::Transition {
         from,
@@ -625,7 +879,11 @@ async fn publish(inner: &Inner, event: &Event) -> Result<(), KubeStoreError> {
         return Ok(());
     };
     let name = event.service_id.as_str();
-    let uid = inner.uids.lock().ok().and_then(|u| u.get(name).cloned());
+    let uid = inner
+        .seen
+        .lock()
+        .ok()
+        .and_then(|s| s.get(name).and_then(|s| s.uid.clone()));
     let word = |p: &Phase| p.to_string();
     let note = match (from, message) {
         (Some(from), Some(m)) => format!("{} -> {}: {m}", word(from), word(to)),
@@ -710,8 +968,15 @@ async fn watch_loop(inner: Arc<Inner>) {
                 continue;
             }
         };
-        if let Some(change) = change_of(&inner, deleted, &object) {
-            tracing::info!(?change, "a ModelService was changed outside the shim");
+        for change in change_of(&inner, deleted, &object) {
+            match &change {
+                ClusterChange::Record(record) => {
+                    tracing::debug!(id = %record.id, generation = record.generation, phase = %record.phase, "another replica wrote a record");
+                }
+                other => {
+                    tracing::info!(change = ?other, "a ModelService was changed outside the shim")
+                }
+            }
             if inner.adopt_tx.send(change).is_err() {
                 return;
             }
@@ -719,56 +984,110 @@ async fn watch_loop(inner: Arc<Inner>) {
     }
 }
 
-/// What a watch event means for the engine, if anything.
-fn change_of(inner: &Inner, deleted: bool, object: &ModelService) -> Option<ClusterChange> {
+/// What a watch event means for the engine: another replica's record, and what kubectl users
+/// did (created, edited or deleted a resource).
+fn change_of(inner: &Inner, deleted: bool, object: &ModelService) -> Vec<ClusterChange> {
     let name = object.name_any();
-    // The record the engine wants, if it wants the service to exist.
+    let known = inner
+        .records
+        .lock()
+        .ok()
+        .and_then(|r| r.get(&name).cloned());
+    if deleted {
+        if let Ok(mut seen) = inner.seen.lock() {
+            seen.remove(&name);
+        }
+        return match known.filter(ServiceRecord::is_live) {
+            // A teardown done (by the leader, maybe another replica): the service is gone.
+            Some(mut record) if record.desired == shim_core::Desired::Absent => {
+                record.phase = Phase::Deleted;
+                if let Ok(mut records) = inner.records.lock() {
+                    records.insert(name, record.clone());
+                }
+                vec![ClusterChange::Record(Box::new(record))]
+            }
+            // Gone without the finalizer's wait (someone removed it): remove the workload.
+            Some(_) => {
+                if let Ok(mut gone) = inner.gone.lock() {
+                    gone.insert(name.clone());
+                }
+                vec![ClusterChange::Delete { id: name }]
+            }
+            None => Vec::new(),
+        };
+    }
+    let newer = remember(inner, object, false);
+    let mut changes = Vec::new();
+    if newer
+        && let Ok(Some(theirs)) = record_of(object)
+        && theirs.id == name
+        && known.as_ref() != Some(&theirs)
+        && known
+            .as_ref()
+            .is_none_or(|k| theirs.generation >= k.generation)
+    {
+        if let Ok(mut records) = inner.records.lock() {
+            records.insert(name.clone(), theirs.clone());
+        }
+        changes.push(ClusterChange::Record(Box::new(theirs)));
+    }
+    let seen = inner
+        .seen
+        .lock()
+        .ok()
+        .and_then(|s| s.get(&name).cloned())
+        .unwrap_or_default();
+    changes.extend(outside_changes(inner, &name, &seen));
+    changes
+}
+
+/// What kubectl users did to resource `name`, each offered once: created it (adopt), deleted it
+/// (the finalizer holds it for the teardown), or edited its spec.
+fn outside_changes(inner: &Inner, name: &str, seen: &Seen) -> Vec<ClusterChange> {
     let wanted = inner
         .records
         .lock()
-        .ok()?
-        .get(&name)
-        .filter(|r| r.is_live() && r.desired == shim_core::Desired::Present)
-        .cloned();
-    if deleted {
-        // The engine's own delete happens after its teardown, when the record is no longer live.
-        wanted.as_ref()?;
-        inner.gone.lock().ok()?.insert(name.clone());
-        return Some(ClusterChange::Delete { id: name });
+        .ok()
+        .and_then(|r| r.get(name).cloned())
+        .filter(|r| r.is_live() && r.desired == shim_core::Desired::Present);
+    if seen.deleting {
+        return match wanted {
+            Some(_) if seen.has_finalizer => vec![ClusterChange::Delete {
+                id: name.to_string(),
+            }],
+            _ => Vec::new(),
+        };
     }
-    remember_uid(inner, object);
-    if object.meta().deletion_timestamp.is_some() {
-        return None;
-    }
-    match object.annotations().get(ANNOTATION_RECORD) {
-        None => {
-            if wanted.is_some() || !inner.offered.lock().ok()?.insert(name.clone()) {
-                return None;
-            }
-            Some(ClusterChange::Adopt {
-                id: name,
-                spec: DeploySpec::from(&object.spec),
-            })
+    let Some(spec) = &seen.outside_spec else {
+        return Vec::new();
+    };
+    if !seen.annotated {
+        let fresh = inner
+            .offered
+            .lock()
+            .is_ok_and(|mut o| o.insert(name.to_string()));
+        if wanted.is_some() || !fresh {
+            return Vec::new();
         }
-        Some(json) => {
-            wanted.as_ref()?;
-            // The spec the shim wrote together with this annotation; a different spec on the
-            // resource was written by someone else.
-            let written: ServiceRecord = serde_json::from_str(json).ok()?;
-            if object.spec == ModelServiceSpec::from(&written.spec) {
-                return None;
-            }
-            let mut offered = inner.offered_specs.lock().ok()?;
-            if offered.get(&name) == Some(&object.spec) {
-                return None;
-            }
-            offered.insert(name.clone(), object.spec.clone());
-            Some(ClusterChange::Update {
-                id: name,
-                spec: DeploySpec::from(&object.spec),
-            })
-        }
+        return vec![ClusterChange::Adopt {
+            id: name.to_string(),
+            spec: DeploySpec::from(spec),
+        }];
     }
+    if wanted.is_none() {
+        return Vec::new();
+    }
+    let Ok(mut offered) = inner.offered_specs.lock() else {
+        return Vec::new();
+    };
+    if offered.get(name) == Some(spec) {
+        return Vec::new();
+    }
+    offered.insert(name.to_string(), spec.clone());
+    vec![ClusterChange::Update {
+        id: name.to_string(),
+        spec: DeploySpec::from(spec),
+    }]
 }
 
 #[cfg(test)]
@@ -792,24 +1111,30 @@ mod tests {
     }
 
     /// An `Inner` whose API is never called (`change_of` only reads the watch's objects).
-    fn inner() -> (Inner, mpsc::UnboundedReceiver<ClusterChange>) {
+    /// A store's state, registered as the owner registry's entry for `https://lab` and `origin`.
+    fn inner_at(origin: &str) -> (Arc<Inner>, mpsc::UnboundedReceiver<ClusterChange>) {
         let (client, _) = client();
         let (adopt_tx, rx) = mpsc::unbounded_channel();
-        let inner = Inner {
+        let inner = Arc::new(Inner {
             api: Api::namespaced(client.clone(), "ns"),
             kube_events: Api::namespaced(client, "ns"),
             namespace: "ns".into(),
             history: 10,
             records: Mutex::default(),
             events: Mutex::default(),
-            uids: Mutex::default(),
+            seen: Mutex::default(),
             offered: Mutex::default(),
             offered_specs: Mutex::default(),
             gone: Mutex::default(),
             resave: Mutex::default(),
             adopt_tx,
-        };
+        });
+        register_owners(origin, &inner);
         (inner, rx)
+    }
+
+    fn inner() -> (Arc<Inner>, mpsc::UnboundedReceiver<ClusterChange>) {
+        inner_at("https://unused")
     }
 
     fn record(id: &str, replicas: i64) -> ServiceRecord {
@@ -832,9 +1157,16 @@ mod tests {
         object
     }
 
+    fn at_version(mut object: ModelService, rv: u64) -> ModelService {
+        object.metadata.resource_version = Some(rv.to_string());
+        object.metadata.uid = Some(format!("uid-{}", object.name_any()));
+        object.metadata.finalizers = Some(vec![FINALIZER.to_string()]);
+        object
+    }
+
     #[tokio::test]
     async fn the_shims_own_writes_are_no_change_and_each_outside_change_is_reported_once() {
-        let (inner, _rx) = inner();
+        let (inner, _rx) = inner_at("https://owner-test");
         let mine = record("abc", 1);
         inner
             .records
@@ -842,34 +1174,121 @@ mod tests {
             .unwrap()
             .insert("abc".into(), mine.clone());
 
-        // Its own write, seen through the watch: nothing to do.
-        let object = written(&mine);
-        assert_eq!(change_of(&inner, false, &object), None);
+        // Its own write, as the API server answered it and then through the watch: nothing.
+        let object = at_version(written(&mine), 7);
+        assert!(!remember(&inner, &object, true));
+        assert_eq!(change_of(&inner, false, &object), vec![]);
+        // The shimlet's ownerReferences name it, on this API server only.
+        assert_eq!(
+            owner_uid("https://owner-test", "ns", "abc").as_deref(),
+            Some("uid-abc")
+        );
+        assert_eq!(owner_uid("https://elsewhere", "ns", "abc"), None);
+        assert_eq!(owner_uid("https://owner-test", "other", "abc"), None);
 
         // `kubectl scale`: the spec differs from the annotation's → one update.
-        let mut scaled = object.clone();
+        let mut scaled = at_version(object.clone(), 8);
         scaled.spec.replica_count = Some(3);
-        match change_of(&inner, false, &scaled) {
-            Some(ClusterChange::Update { id, spec }) => {
+        match change_of(&inner, false, &scaled).as_slice() {
+            [ClusterChange::Update { id, spec }] => {
                 assert_eq!(id, "abc");
                 assert_eq!(spec.replica_count, Some(3));
             }
             other => panic!("expected an update, got {other:?}"),
         }
-        assert_eq!(change_of(&inner, false, &scaled), None, "reported twice");
+        assert_eq!(change_of(&inner, false, &scaled), vec![], "reported twice");
 
-        // `kubectl delete` while the engine wants it → delete, and its writes stop applying.
+        // `kubectl delete`: the finalizer holds it → delete, once the engine wants it gone.
+        let mut deleting = at_version(object.clone(), 9);
+        deleting.metadata.deletion_timestamp =
+            Some(serde_json::from_value(serde_json::json!("2026-01-01T00:00:01Z")).expect("time"));
         assert_eq!(
-            change_of(&inner, true, &object),
-            Some(ClusterChange::Delete { id: "abc".into() })
+            change_of(&inner, false, &deleting),
+            vec![ClusterChange::Delete { id: "abc".into() }]
+        );
+        let mut terminating = mine.clone();
+        terminating.desired = shim_core::Desired::Absent;
+        terminating.generation = 2;
+        inner
+            .records
+            .lock()
+            .unwrap()
+            .insert("abc".into(), terminating.clone());
+        assert_eq!(change_of(&inner, false, &deleting), vec![], "asked twice");
+        assert_eq!(
+            owner_uid("https://owner-test", "ns", "abc"),
+            None,
+            "no owner while deleting"
+        );
+
+        // Gone after a teardown: every replica hears that the service is deleted.
+        match change_of(&inner, true, &deleting).as_slice() {
+            [ClusterChange::Record(record)] => {
+                assert_eq!(record.phase, Phase::Deleted);
+                assert_eq!(record.generation, 2);
+            }
+            other => panic!("expected the deleted record, got {other:?}"),
+        }
+        // This process's own teardown (its record is no longer live) is no change.
+        assert_eq!(change_of(&inner, true, &deleting), vec![]);
+    }
+
+    #[tokio::test]
+    async fn a_deletion_that_skipped_the_finalizer_removes_the_workload() {
+        let (inner, _rx) = inner();
+        let mine = record("abc", 1);
+        inner
+            .records
+            .lock()
+            .unwrap()
+            .insert("abc".into(), mine.clone());
+        assert_eq!(
+            change_of(&inner, true, &written(&mine)),
+            vec![ClusterChange::Delete { id: "abc".into() }]
         );
         assert!(inner.gone.lock().unwrap().contains("abc"));
+    }
 
-        // The engine's own delete (record no longer live) is no change.
-        let mut deleted = mine.clone();
-        deleted.phase = Phase::Deleted;
-        inner.records.lock().unwrap().insert("abc".into(), deleted);
-        assert_eq!(change_of(&inner, true, &object), None);
+    #[tokio::test]
+    async fn another_replicas_newer_record_reaches_the_engine_and_its_echo_does_not() {
+        let (inner, _rx) = inner();
+        let mine = record("abc", 1);
+        inner
+            .records
+            .lock()
+            .unwrap()
+            .insert("abc".into(), mine.clone());
+        remember(&inner, &at_version(written(&mine), 5), true);
+
+        // The leader's progress on the same generation, written after this process's write.
+        let mut running = mine.clone();
+        running.phase = Phase::Running;
+        running.endpoint = "http://x:8000/v1/chat/completions".into();
+        match change_of(&inner, false, &at_version(written(&running), 6)).as_slice() {
+            [ClusterChange::Record(record)] => assert_eq!(**record, running),
+            other => panic!("expected the leader's record, got {other:?}"),
+        }
+        // Seen again (a relist): no change.
+        assert_eq!(
+            change_of(&inner, false, &at_version(written(&running), 6)),
+            vec![]
+        );
+        // An old version arriving late never goes back.
+        assert_eq!(
+            change_of(&inner, false, &at_version(written(&mine), 4)),
+            vec![]
+        );
+
+        // A follower's update: generation 2.
+        let mut update = running.clone();
+        update.generation = 2;
+        update.spec.replica_count = Some(2);
+        let mut object = at_version(written(&update), 9);
+        object.spec = ModelServiceSpec::from(&update.spec);
+        match change_of(&inner, false, &object).as_slice() {
+            [ClusterChange::Record(record)] => assert_eq!(record.generation, 2),
+            other => panic!("expected the update, got {other:?}"),
+        }
     }
 
     #[tokio::test]
@@ -881,17 +1300,17 @@ mod tests {
         };
         spec.replica_count = Some(2);
         let object = ModelService::new("from-kubectl", spec);
-        match change_of(&inner, false, &object) {
-            Some(ClusterChange::Adopt { id, spec }) => {
+        match change_of(&inner, false, &object).as_slice() {
+            [ClusterChange::Adopt { id, spec }] => {
                 assert_eq!(id, "from-kubectl");
                 assert_eq!(spec.model_name, "m");
                 assert_eq!(spec.replica_count, Some(2));
             }
             other => panic!("expected an adoption, got {other:?}"),
         }
-        assert_eq!(change_of(&inner, false, &object), None, "offered twice");
+        assert_eq!(change_of(&inner, false, &object), vec![], "offered twice");
         // Deleting one the engine never had is no change either.
-        assert_eq!(change_of(&inner, true, &object), None);
+        assert_eq!(change_of(&inner, true, &object), vec![]);
     }
 
     async fn start_error(code: u16) -> String {

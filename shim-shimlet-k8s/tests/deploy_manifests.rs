@@ -69,6 +69,11 @@ fn the_role_grants_exactly_what_the_shimlet_and_the_store_use() {
         ),
         ("/pods/log".to_string(), ["get"].as_slice()),
         ("/namespaces".to_string(), ["get"].as_slice()),
+        // The leader election among replicas (src/lease.rs).
+        (
+            "coordination.k8s.io/leases".to_string(),
+            ["create", "get", "update"].as_slice(),
+        ),
     ]);
     let expected: BTreeMap<String, BTreeSet<String>> = expected
         .into_iter()
@@ -106,6 +111,12 @@ fn the_shim_runs_as_its_service_account_with_the_config_mounted() {
         .collect();
     assert_eq!(
         resources,
-        ["namespace.yaml", "rbac.yaml", "config.yaml", "shim.yaml"]
+        [
+            "namespace.yaml",
+            "crds/modelservices.yaml",
+            "rbac.yaml",
+            "config.yaml",
+            "shim.yaml"
+        ]
     );
 }

@@ -4,6 +4,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::*;
+use crate::event::Received;
 use crate::pipeline::StepError;
 use crate::store::RedbStore;
 use crate::testing::InstantShimlet;
@@ -629,4 +630,112 @@ async fn an_update_or_delete_the_store_cannot_persist_changes_nothing() {
     let after = wait_for(&engine, &id, Phase::Running).await.unwrap();
     assert_eq!(after.generation, before.generation);
     assert_eq!(shimlet.list().await.unwrap().len(), 1);
+}
+
+/// An engine sharing `store`, leading while `leading` reads true.
+async fn engine_led_by(
+    store: Arc<dyn Store>,
+    leading: tokio::sync::watch::Receiver<bool>,
+) -> (Engine, Arc<InstantShimlet>) {
+    let slot = Arc::new(Mutex::new(None));
+    let keep = slot.clone();
+    let engine = Engine::builder()
+        .config(config())
+        .store(store)
+        .leadership(leading)
+        .shimlet_instance(move |ctx| {
+            let shimlet = Arc::new(InstantShimlet::with_notifier(ctx.notifier));
+            *keep.lock().unwrap() = Some(shimlet.clone());
+            shimlet
+        })
+        .pipeline(test_pipeline())
+        .build()
+        .await
+        .unwrap();
+    let shimlet = slot.lock().unwrap().clone().unwrap();
+    (engine, shimlet)
+}
+
+#[tokio::test]
+async fn a_follower_accepts_requests_runs_nothing_and_takes_over_when_it_leads() {
+    let store: Arc<dyn Store> = Arc::new(MemoryStore::default());
+    let (lead, leading) = tokio::sync::watch::channel(false);
+    let (follower, shimlet) = engine_led_by(store.clone(), leading).await;
+    assert!(!follower.is_leader());
+
+    let id = follower.deploy(DeploySpec::named("m")).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(follower.get(&id).unwrap().phase, Phase::Pending);
+    assert_eq!(shimlet.applies(&id), 0, "a follower ran a pipeline");
+    assert!(
+        store.get(&id).await.unwrap().is_some(),
+        "the request is stored"
+    );
+
+    lead.send_replace(true);
+    let running = wait_for(&follower, &id, Phase::Running).await.unwrap();
+    assert_eq!(shimlet.applies(&id), 1);
+    assert!(follower.is_leader());
+    assert_eq!(running.generation, 1);
+}
+
+#[tokio::test]
+async fn the_leader_takes_new_requests_of_others_and_followers_take_the_leaders_progress() {
+    let store: Arc<dyn Store> = Arc::new(MemoryStore::default());
+    let (_lead, leading) = tokio::sync::watch::channel(true);
+    let (leader, leader_runtime) = engine_led_by(store.clone(), leading).await;
+    let (_follow, following) = tokio::sync::watch::channel(false);
+    let (follower, _) = engine_led_by(store.clone(), following).await;
+    let mut follower_events = follower.subscribe();
+
+    // A request the follower accepted reaches the leader (through the store's watch, in a
+    // cluster), which runs it.
+    let id = follower.deploy(DeploySpec::named("m")).await.unwrap();
+    assert!(leader.mirror(follower.get(&id).unwrap()));
+    let running = wait_for(&leader, &id, Phase::Running).await.unwrap();
+    assert_eq!(leader_runtime.applies(&id), 1);
+
+    // The leader's progress reaches the follower, as a transition on its event stream.
+    assert!(follower.mirror(running.clone()));
+    assert_eq!(follower.get(&id).unwrap(), running);
+    let mut saw_running = false;
+    while let Ok(Ok(Received::Event(event))) =
+        tokio::time::timeout(Duration::from_millis(200), follower_events.next()).await
+    {
+        if let EventKind::Transition {
+            to: Phase::Running, ..
+        } = event.kind
+        {
+            saw_running = true;
+        }
+    }
+    assert!(saw_running, "the follower's subscribers never saw running");
+
+    // Echoes are no change: the leader ignores an older view of the same generation, and
+    // neither takes what it already holds.
+    let mut stale = running.clone();
+    stale.phase = Phase::Initializing;
+    assert!(!leader.mirror(stale));
+    assert!(!follower.mirror(running.clone()));
+    assert!(!leader.mirror(running.clone()));
+
+    // An update accepted by the follower: a new generation for the leader to run.
+    let mut spec = DeploySpec::named("m");
+    spec.replica_count = Some(2);
+    follower.update(&id, spec).await.unwrap();
+    let update = follower.get(&id).unwrap();
+    assert_eq!(update.generation, 2);
+    assert!(leader.mirror(update));
+    wait_for(&leader, &id, Phase::Running).await;
+    assert_eq!(leader.get(&id).unwrap().generation, 2);
+    assert_eq!(leader_runtime.applies(&id), 2);
+
+    // A delete the follower accepted; the leader tears down, and the follower hears it is gone.
+    follower.delete(&id).await.unwrap();
+    assert!(leader.mirror(follower.get(&id).unwrap()));
+    wait_for(&leader, &id, Phase::Deleted).await;
+    let mut gone = follower.get(&id).unwrap();
+    gone.phase = Phase::Deleted;
+    assert!(follower.mirror(gone));
+    assert!(follower.get(&id).is_none());
 }
