@@ -4,6 +4,7 @@
 mod chat;
 mod client;
 mod config;
+mod migrate;
 mod mock_engine;
 mod registered;
 mod serve;
@@ -68,7 +69,7 @@ pub struct ServeArgs {
 
 impl ServeArgs {
     /// The flags that were given, as a config tree (they override file and env).
-    fn as_config(&self) -> serde_json::Value {
+    pub fn as_config(&self) -> serde_json::Value {
         let mut tree = serde_json::json!({});
         let mut set = |section: &str, key: &str, value: serde_json::Value| {
             tree.as_object_mut()
@@ -138,6 +139,8 @@ enum Command {
     Chat(chat::ChatArgs),
     /// Run the built-in mock OpenAI-compatible engine (for demos and tests; loads no model).
     MockEngine(mock_engine::MockEngineArgs),
+    /// Move the services of the file store into ModelService resources (shim stopped).
+    Migrate(migrate::MigrateArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -168,6 +171,7 @@ fn main() -> std::process::ExitCode {
             Some(Command::Models(args)) => client::models(args).await,
             Some(Command::Chat(args)) => chat::run(args).await,
             Some(Command::MockEngine(args)) => mock_engine::run(args).await,
+            Some(Command::Migrate(args)) => migrate::run(args).await,
         }
     });
     match result {

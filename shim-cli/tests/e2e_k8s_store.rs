@@ -6,7 +6,8 @@
 //! `kubectl describe`; a ModelService created as `kubectl apply` would → adopted, running,
 //! visible through REST, and a bad one refused in its status; a shim restart → both still there
 //! (state from the cluster, no duplicate workloads); `kubectl scale` → two replicas;
-//! `kubectl delete` and REST DELETE → the ModelService, Deployment and Service gone.
+//! `kubectl delete` and REST DELETE → the ModelService, Deployment and Service gone. A second
+//! test: `model-serve-shim migrate --from redb --to kubernetes` keeps the engines running.
 
 mod common;
 #[path = "common/k8s_lab.rs"]
@@ -16,10 +17,10 @@ mod k8s_store;
 
 use common::{deploy, free_port, send, wait_for, wait_status};
 use k8s_store::{
-    NAMESPACE, lab_with_crd_and_rbac, mock, model_service, model_service_path, names, start_shim,
-    wait_model_service_running, workloads_of,
+    NAMESPACE, lab_with_crd_and_rbac, mock, model_service, model_service_path, names, shim_config,
+    start_shim, start_shim_on, wait_model_service_running, workloads_of,
 };
-use serde_json::json;
+use serde_json::{Value, json};
 
 #[test]
 fn model_services_hold_desired_state_through_deploy_adoption_restart_and_delete() {
@@ -209,4 +210,84 @@ fn model_services_hold_desired_state_through_deploy_adoption_restart_and_delete(
         &format!("/apis/xmod-shim.io/v1alpha1/namespaces/{NAMESPACE}/modelservices"),
     );
     assert!(left.is_empty(), "ModelServices left behind: {left:?}");
+}
+
+/// `model-serve-shim migrate --from redb --to kubernetes`: services deployed on the file store
+/// become ModelServices, their running workloads are owned by them, and the shim started on the
+/// Kubernetes store serves them as running without restarting an engine.
+#[test]
+fn migrate_moves_running_services_into_model_services_without_restarting_engines() {
+    let (lab, kubeconfig) = lab_with_crd_and_rbac();
+    let dir = tempfile::tempdir().unwrap();
+    let shim = start_shim_on(dir.path(), &kubeconfig, free_port(), "redb");
+    let ids: Vec<String> = ["one", "two"]
+        .iter()
+        .map(|m| deploy(&shim, mock(m)))
+        .collect();
+    for id in &ids {
+        wait_status(&shim, id, 60, |d| d["status"] == "running");
+    }
+    let deployment_of = |id: &str| {
+        let (deployments, _) = workloads_of(&lab, id);
+        lab.get(&format!(
+            "/apis/apps/v1/namespaces/{NAMESPACE}/deployments/{}",
+            deployments[0]
+        ))
+    };
+    let before: Vec<Value> = ids.iter().map(|id| deployment_of(id)).collect();
+    shim.stop();
+
+    let data = dir.path().join("data");
+    let out = std::process::Command::new(common::BIN)
+        .args([
+            "migrate",
+            "--from",
+            "redb",
+            "--to",
+            "kubernetes",
+            "--config",
+        ])
+        .arg(shim_config(dir.path(), &kubeconfig))
+        .arg("--data-dir")
+        .arg(&data)
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "migrate failed: {said}");
+    for id in &ids {
+        assert!(said.contains(id.as_str()), "{said}");
+    }
+    assert!(data.join("state.redb.migrated").is_file(), "{said}");
+    assert!(!data.join("state.redb").exists(), "{said}");
+
+    let shim = start_shim(dir.path(), &kubeconfig, free_port());
+    for (id, before) in ids.iter().zip(&before) {
+        let object = wait_model_service_running(&lab, id);
+        assert_eq!(
+            object["metadata"]["finalizers"],
+            json!(["xmod-shim.io/teardown"])
+        );
+        wait_status(&shim, id, 60, |d| d["status"] == "running");
+        let after = deployment_of(id);
+        // Same object, same pod template: no engine was restarted.
+        assert_eq!(after["metadata"]["uid"], before["metadata"]["uid"], "{id}");
+        assert_eq!(
+            after["metadata"]["generation"], before["metadata"]["generation"],
+            "{id}: the Deployment was changed"
+        );
+        assert_eq!(
+            after["metadata"]["ownerReferences"][0]["uid"], object["metadata"]["uid"],
+            "{id}: {after}"
+        );
+    }
+    // And it is a service like any other: a REST delete ends ModelService and workload.
+    send(
+        reqwest::Method::DELETE,
+        &shim.url(&format!("/api/v1/modserv/{}", ids[0])),
+        None,
+    );
+    wait_for("the migrated service to be removed", 60, || {
+        (model_service(&lab, &ids[0]).is_none() && workloads_of(&lab, &ids[0]) == (vec![], vec![]))
+            .then_some(())
+    });
 }

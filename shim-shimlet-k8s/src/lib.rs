@@ -38,7 +38,8 @@
 //! # Desired state in the cluster
 //! [`crd`] defines the `ModelService` resource (`deploy/crds/modelservices.yaml` is generated
 //! from it); [`store::KubeStore`] is the engine's store on those resources (`--store
-//! kubernetes`), and reports what kubectl users do to them for the engine to follow.
+//! kubernetes`), and reports what kubectl users and the other shim replicas do to them for the
+//! engine to follow; [`lease`] elects the one replica that reconciles.
 //!
 //! # Configuration and deployment
 //! See [`K8sConfig`] for the `shimlets.k8s` keys, `deploy/` at the repository root for RBAC and

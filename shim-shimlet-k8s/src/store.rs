@@ -363,6 +363,84 @@ impl KubeStore {
         )
     }
 
+    /// Makes the k8s shimlet's Deployment and Service of service `id` dependents of its
+    /// ModelService, for workloads made before desired state moved into the cluster
+    /// (`model-serve-shim migrate`). A merge patch of `metadata.ownerReferences` only: the pod
+    /// template is untouched, so no engine restarts. Returns how many objects it patched.
+    ///
+    /// # Errors
+    /// When the ModelService is unknown (save it first) or the API server refuses.
+    pub async fn own_workloads(&self, id: &str) -> Result<usize, shim_core::Error> {
+        use k8s_openapi::api::apps::v1::Deployment;
+        use k8s_openapi::api::core::v1::Service;
+        let uid = self
+            .inner
+            .seen
+            .lock()
+            .ok()
+            .and_then(|s| s.get(id).and_then(|s| s.uid.clone()))
+            .ok_or_else(|| {
+                store_err(KubeStoreError::Config(format!(
+                    "modelservice {id:?} is not written yet"
+                )))
+            })?;
+        let patch = serde_json::json!({
+            "metadata": { "ownerReferences": [{
+                "apiVersion": format!("{}/{}", crate::crd::GROUP, crate::crd::VERSION),
+                "kind": "ModelService",
+                "name": id,
+                "uid": uid,
+                "controller": true,
+            }]}
+        });
+        let client = self.inner.api.clone().into_client();
+        let selector = ListParams::default().labels(&crate::names::service_selector(id));
+        let failed = |action: &'static str| {
+            let id = id.to_string();
+            move |source| {
+                store_err(KubeStoreError::Api {
+                    action,
+                    name: id,
+                    source,
+                })
+            }
+        };
+        let mut patched = 0;
+        let deployments: Api<Deployment> = Api::namespaced(client.clone(), &self.inner.namespace);
+        for object in deployments
+            .list(&selector)
+            .await
+            .map_err(failed("list the Deployments of"))?
+        {
+            deployments
+                .patch(
+                    &object.name_any(),
+                    &PatchParams::default(),
+                    &Patch::Merge(&patch),
+                )
+                .await
+                .map_err(failed("set the owner of the Deployment of"))?;
+            patched += 1;
+        }
+        let services: Api<Service> = Api::namespaced(client, &self.inner.namespace);
+        for object in services
+            .list(&selector)
+            .await
+            .map_err(failed("list the Services of"))?
+        {
+            services
+                .patch(
+                    &object.name_any(),
+                    &PatchParams::default(),
+                    &Patch::Merge(&patch),
+                )
+                .await
+                .map_err(failed("set the owner of the Service of"))?;
+            patched += 1;
+        }
+        Ok(patched)
+    }
+
     /// Offers again everything kubectl users did that a leader must act on (resources to adopt,
     /// edited specs, deletions): for a replica that has just taken the lead, since the previous
     /// leader may have died before acting.

@@ -38,6 +38,11 @@ pub fn lab_with_crd_and_rbac() -> (Lab, std::path::PathBuf) {
 
 /// A shim with `--store kubernetes` on the k8s shimlet, as the ServiceAccount of `kubeconfig`.
 pub fn start_shim(dir: &Path, kubeconfig: &Path, port: u16) -> Shim {
+    start_shim_on(dir, kubeconfig, port, "kubernetes")
+}
+
+/// The configuration file of [`start_shim_on`]: the k8s shimlet in [`NAMESPACE`].
+pub fn shim_config(dir: &Path, kubeconfig: &Path) -> std::path::PathBuf {
     let config = json!({
         "plugins": {"defaultShimlet": "k8s"},
         "pipelines": {"opensourcellm": {"checkModelDir": false}},
@@ -45,11 +50,17 @@ pub fn start_shim(dir: &Path, kubeconfig: &Path, port: u16) -> Shim {
     });
     let path = dir.join("shim.yaml");
     std::fs::write(&path, serde_yaml::to_string(&config).unwrap()).unwrap();
+    path
+}
+
+/// A shim on the k8s shimlet with `--store STORE`, data in `dir/data`.
+pub fn start_shim_on(dir: &Path, kubeconfig: &Path, port: u16, store: &str) -> Shim {
+    let path = shim_config(dir, kubeconfig);
     Shim::start_with(
         &dir.join("data"),
         &dir.join("models"),
         port,
-        &["--config", path.to_str().unwrap(), "--store", "kubernetes"],
+        &["--config", path.to_str().unwrap(), "--store", store],
     )
 }
 
