@@ -18,6 +18,10 @@ use k8s_lab::Lab;
 use serde_json::{Value, json};
 
 const NAMESPACE: &str = "xmod-shim";
+/// `engine.maxRestarts` of these tests: low, so a crash loop fails within about 30 s (the fake
+/// kubelet restarts a crashing container about every 10 s), and at least 2, so the lifecycle
+/// test's two drift repairs of one generation stay within it.
+const MAX_RESTARTS: u32 = 2;
 /// The identity `deploy/rbac.yaml` creates and binds.
 const SHIM_USER: &str = "system:serviceaccount:xmod-shim:xmod-shim";
 
@@ -27,6 +31,7 @@ fn write_config(dir: &Path, kubeconfig: &Path) -> std::path::PathBuf {
     let failing = |image: &str| json!({"image": image, "args": ["--port", "{port}"], "port": 8000, "startupTimeoutSecs": 120});
     let config = json!({
         "plugins": {"defaultShimlet": "k8s"},
+        "engine": {"maxRestarts": MAX_RESTARTS},
         "pipelines": {"opensourcellm": {"checkModelDir": false}},
         "shimlets": {"k8s": {"kubeConfig": kubeconfig, "namespace": NAMESPACE}},
         "engines": {
@@ -133,24 +138,63 @@ fn lifecycle_failures_drift_and_request_counts_with_the_shipped_rbac() {
         "{pending}"
     );
 
-    // The fake kubelet's failures arrive typed.
-    for (engine, reason) in [
+    // The fake kubelet's failures arrive typed. A missing image fails at once; a crash loop or
+    // an OOM kill only once the kubelet has restarted the container more than maxRestarts
+    // times (the fake bumps restartCount about every 10 s): until then the service is
+    // initializing with the reason and the kubelet's words. All three at once, to save time.
+    let failing: Vec<(&str, &str, String)> = [
         ("failpull", "ImagePull"),
         ("failcrash", "CrashLoop"),
         ("failoom", "OutOfMemory"),
-    ] {
+    ]
+    .into_iter()
+    .map(|(engine, reason)| {
         let mut body = mock(engine);
         body["engine"] = json!(engine);
-        let failing = deploy(&shim, body);
-        let (data, _) = wait_status(&shim, &failing, 90, |d| d["reason"] == reason);
-        eprintln!("{engine}: {} {}", data["status"], data["message"]);
-        assert!(
+        (engine, reason, deploy(&shim, body))
+    })
+    .collect();
+    for (engine, reason, id) in &failing {
+        let started = Instant::now();
+        if *engine != "failpull" {
+            let (data, seen) = wait_status(&shim, id, 60, |d| d["reason"] == *reason);
+            eprintln!(
+                "{engine} while restarting: {} {}",
+                data["status"], data["message"]
+            );
+            assert_eq!(data["status"], "initializing", "{data}; seen {seen:?}");
+            let message = data["message"].as_str().unwrap_or_default();
+            assert!(message.contains("pod "), "{data}");
+            assert!(
+                message.contains(&format!(
+                    "restarts of the {MAX_RESTARTS} engine.maxRestarts allows"
+                )),
+                "{data}"
+            );
+        }
+        let (data, seen) = wait_status(&shim, id, 90, |d| d["status"] == "failed");
+        eprintln!(
+            "{engine}: {} after {:.1} s: {}",
+            data["status"],
+            started.elapsed().as_secs_f64(),
             data["message"]
-                .as_str()
-                .unwrap_or_default()
-                .contains("pod "),
-            "{data}"
         );
+        assert_eq!(data["reason"], *reason, "{data}");
+        let message = data["message"].as_str().unwrap_or_default();
+        assert!(message.contains("pod "), "{data}");
+        if *engine != "failpull" {
+            assert!(
+                message.contains(&format!(
+                    "{} restarts, more than the {MAX_RESTARTS} engine.maxRestarts allows",
+                    MAX_RESTARTS + 1
+                )),
+                "{data}"
+            );
+            assert!(
+                seen.contains(&"initializing".to_string()),
+                "never initializing before failed: {seen:?}"
+            );
+        }
     }
 
     // Drift: the Deployment deleted behind our back comes back.

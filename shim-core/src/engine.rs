@@ -20,7 +20,7 @@ use crate::pipeline::{Pipeline, PipelineContext, PipelineObserver, StepErrorKind
 use crate::queue::WorkQueue;
 use crate::record::{Desired, ServiceRecord};
 use crate::registry;
-use crate::shimlet::{Notifier, Shimlet, ShimletContext, WorkloadState};
+use crate::shimlet::{Failure, Notifier, Shimlet, ShimletContext, WorkloadState};
 use crate::spec::{DeploySpec, ValidationPolicy};
 use crate::store::{Ack, MemoryStore, Store};
 use crate::workload::FailureReason;
@@ -1356,6 +1356,24 @@ impl PipelineObserver for RunObserver {
 
     fn on_unblocked(&self, step: &str) {
         self.with_record(|engine, record| unblock(engine, record, step));
+    }
+
+    fn on_reason(&self, _step: &str, why: Option<&Failure>) {
+        self.with_record(|engine, record| {
+            // Only a service on its way up: a pending one shows what it waits for, and a
+            // settled one has its own reason.
+            if !matches!(record.phase, Phase::Initializing | Phase::Recovering) {
+                return;
+            }
+            let reason = why.map(|f| f.reason.as_str());
+            let message = why.map(|f| f.message.clone());
+            if record.reason == reason && record.message == message {
+                return;
+            }
+            record.reason = reason;
+            record.message = message;
+            drop(engine.inner.store.save(record));
+        });
     }
 }
 

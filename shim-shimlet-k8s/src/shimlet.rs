@@ -80,14 +80,16 @@ impl K8sShimlet {
             .validate()
             .map_err(|e| ShimletError::permanent(FailureReason::InvalidSpec, e))?;
         let (client, origin) = connect(&config).await?;
-        Self::start(
+        let shimlet = Self::start(
             client,
             origin,
             config,
             ctx.settings.policy.model_root.clone(),
             ctx.notifier,
         )
-        .await
+        .await?;
+        shimlet.set_max_restarts(ctx.settings.max_restarts);
+        Ok(shimlet)
     }
 
     /// Starts on a client built by the caller (a custom service stack, or a mock API server in
@@ -188,6 +190,13 @@ impl K8sShimlet {
     /// before the engine whose notifier it should use (`EngineBuilder::shimlet_instance`).
     pub fn set_notifier(&self, notifier: Notifier) {
         self.inner.view.set_notifier(notifier);
+    }
+
+    /// Sets `engine.maxRestarts` (the engine's default until called; [`K8sShimlet::connect`]
+    /// takes it from the engine's settings): a crash-looping or OOM-killed container fails its
+    /// service only once its `restartCount` exceeds it.
+    pub fn set_max_restarts(&self, max_restarts: u32) {
+        self.inner.view.set_max_restarts(max_restarts);
     }
 
     /// The Deployment and Service `apply` would send for `workload`.
