@@ -389,6 +389,7 @@ impl Engine {
         crate::admission::admit(
             &self.inner.pipeline,
             &self.inner.gpus,
+            self.inner.shimlet.cluster_gpus(),
             self.inner.config.fit_check,
             spec,
             id,
@@ -397,9 +398,19 @@ impl Engine {
         .await
     }
 
-    /// The GPU inventory and allocator (`GET /api/v1/gpus`, GPU metrics).
+    /// This host's GPU inventory and allocator, which the local runtimes place replicas with.
     pub fn gpus(&self) -> &Arc<GpuAllocator> {
         &self.inner.gpus
+    }
+
+    /// The GPUs services get (`GET /api/v1/gpus`, GPU metrics): the cluster's nodes' when the
+    /// runtime's scheduler places replicas ([`Shimlet::cluster_gpus`]), else this host's. May
+    /// run `nvidia-smi`: call it off the async workers.
+    pub fn gpu_inventory(&self) -> Vec<crate::gpu::GpuStatus> {
+        match self.inner.shimlet.cluster_gpus() {
+            Some(cluster) => cluster.rows(),
+            None => self.inner.gpus.snapshot(),
+        }
     }
 
     /// A live service's record; `None` once deleted or never deployed.

@@ -146,12 +146,14 @@ async fn admission(setup: Arc<Setup>, request: AdmissionRequest) -> Verdict {
     let dir = spec.model_dir(&setup.policy);
     let policy = setup.policy.clone();
     let gpus = request.gpus;
+    let cluster = request.cluster;
     let context = spec
         .context_length
         .and_then(|c| u64::try_from(c).ok())
         .filter(|c| *c > 0);
     let tp = spec.accelerators();
     let replicas = spec.replicas();
+    let spec_model = spec.model_name.clone();
     let work = move || {
         let info = match inspect_within(&dir, &policy) {
             Ok(info) => info,
@@ -162,6 +164,18 @@ async fn admission(setup: Arc<Setup>, request: AdmissionRequest) -> Verdict {
                 };
             }
         };
+        if let Some(cluster) = &cluster {
+            // The cluster's scheduler places replicas on its nodes: compare with those.
+            let Some(plan) =
+                crate::cluster_fit::plan_on_nodes(&info, &profile, context, tp, replicas, cluster)
+            else {
+                return no_shape(&dir);
+            };
+            if plan.fits.is_none() && tp > 0 && replicas > 0 {
+                tracing::warn!(model = %spec_model, "fit not fully checked: {}", plan.message);
+            }
+            return verdict(plan, tp, profile.memory_fraction);
+        }
         let candidates: Option<Vec<GpuMemory>> = gpus.candidates().map(|list| {
             list.into_iter()
                 .map(|g| GpuMemory {
@@ -178,32 +192,9 @@ async fn admission(setup: Arc<Setup>, request: AdmissionRequest) -> Verdict {
             candidates.as_deref()
         };
         let Some(plan) = shim_model::plan(&info, &profile, context, tp, replicas, gpus_seen) else {
-            return Verdict {
-                note: Some(format!(
-                    "{}: the model's metadata does not give layers, KV heads and head size",
-                    dir.display()
-                )),
-                ..Verdict::default()
-            };
+            return no_shape(&dir);
         };
-        Verdict {
-            estimate: Some(Estimate {
-                per_gpu_bytes: plan.estimate.per_gpu_bytes,
-                weights_bytes: plan.estimate.weights_bytes,
-                kv_cache_bytes: plan.estimate.kv_cache_bytes,
-                overhead_bytes: plan.estimate.overhead_bytes,
-                context_length: plan.estimate.context_length,
-                tensor_parallel: plan.estimate.tensor_parallel,
-                fits: plan.fits,
-                message: plan.message,
-                max_context_length: plan.max_context_length,
-            }),
-            need: (tp > 0).then_some(GpuNeed {
-                bytes: plan.estimate.per_gpu_bytes,
-                memory_fraction: profile.memory_fraction,
-            }),
-            note: None,
-        }
+        verdict(plan, tp, profile.memory_fraction)
     };
     // Header reads are small but they are file I/O; keep them off the async workers.
     tokio::task::spawn_blocking(work)
@@ -212,6 +203,39 @@ async fn admission(setup: Arc<Setup>, request: AdmissionRequest) -> Verdict {
             note: Some(format!("model inspection failed: {e}")),
             ..Verdict::default()
         })
+}
+
+/// The verdict on a model whose metadata lacks the attention shape.
+fn no_shape(dir: &Path) -> Verdict {
+    Verdict {
+        note: Some(format!(
+            "{}: the model's metadata does not give layers, KV heads and head size",
+            dir.display()
+        )),
+        ..Verdict::default()
+    }
+}
+
+/// The verdict for a plan of `tp` GPUs per replica.
+fn verdict(plan: shim_model::Plan, tp: u32, memory_fraction: f64) -> Verdict {
+    Verdict {
+        estimate: Some(Estimate {
+            per_gpu_bytes: plan.estimate.per_gpu_bytes,
+            weights_bytes: plan.estimate.weights_bytes,
+            kv_cache_bytes: plan.estimate.kv_cache_bytes,
+            overhead_bytes: plan.estimate.overhead_bytes,
+            context_length: plan.estimate.context_length,
+            tensor_parallel: plan.estimate.tensor_parallel,
+            fits: plan.fits,
+            message: plan.message,
+            max_context_length: plan.max_context_length,
+        }),
+        need: (tp > 0).then_some(GpuNeed {
+            bytes: plan.estimate.per_gpu_bytes,
+            memory_fraction,
+        }),
+        note: None,
+    }
 }
 
 /// Inspects the model directory, refusing one that resolves outside the allowed roots (a
@@ -1080,6 +1104,7 @@ mod admission_tests {
             }))
             .unwrap(),
             gpus: gpus.clone(),
+            cluster: None,
         };
 
         let verdict = pipeline.admit(ask("llama", 4096, 1)).await.unwrap();
