@@ -154,47 +154,58 @@ fn lifecycle_failures_drift_and_request_counts_with_the_shipped_rbac() {
         (engine, reason, deploy(&shim, body))
     })
     .collect();
-    for (engine, reason, id) in &failing {
-        let started = Instant::now();
-        if *engine != "failpull" {
-            let (data, seen) = wait_status(&shim, id, 60, |d| d["reason"] == *reason);
-            eprintln!(
-                "{engine} while restarting: {} {}",
-                data["status"], data["message"]
-            );
-            assert_eq!(data["status"], "initializing", "{data}; seen {seen:?}");
-            let message = data["message"].as_str().unwrap_or_default();
-            assert!(message.contains("pod "), "{data}");
-            assert!(
-                message.contains(&format!(
-                    "restarts of the {MAX_RESTARTS} engine.maxRestarts allows"
-                )),
-                "{data}"
-            );
-        }
-        let (data, seen) = wait_status(&shim, id, 90, |d| d["status"] == "failed");
-        eprintln!(
-            "{engine}: {} after {:.1} s: {}",
-            data["status"],
-            started.elapsed().as_secs_f64(),
-            data["message"]
+    // Watched side by side (they restart at the same pace): for each, the first status read
+    // with its reason while not failed yet, and the failed one.
+    let started = Instant::now();
+    let mut restarting: Vec<Option<Value>> = vec![None; failing.len()];
+    let mut failed: Vec<Option<(Value, f64)>> = vec![None; failing.len()];
+    while failed.iter().any(Option::is_none) {
+        assert!(
+            started.elapsed() < Duration::from_secs(90),
+            "not all failed within 90 s: {failed:?}"
         );
+        for (i, (_, reason, id)) in failing.iter().enumerate() {
+            if failed[i].is_some() {
+                continue;
+            }
+            let data = status(&shim, id);
+            if data["status"] == "failed" {
+                failed[i] = Some((data, started.elapsed().as_secs_f64()));
+            } else if restarting[i].is_none() && data["reason"] == *reason {
+                restarting[i] = Some(data);
+            }
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    for (i, (engine, reason, _)) in failing.iter().enumerate() {
+        let (data, after) = failed[i].take().unwrap();
+        eprintln!("{engine}: failed after {after:.1} s: {}", data["message"]);
         assert_eq!(data["reason"], *reason, "{data}");
         let message = data["message"].as_str().unwrap_or_default();
         assert!(message.contains("pod "), "{data}");
-        if *engine != "failpull" {
-            assert!(
-                message.contains(&format!(
-                    "{} restarts, more than the {MAX_RESTARTS} engine.maxRestarts allows",
-                    MAX_RESTARTS + 1
-                )),
-                "{data}"
-            );
-            assert!(
-                seen.contains(&"initializing".to_string()),
-                "never initializing before failed: {seen:?}"
-            );
+        if *engine == "failpull" {
+            continue;
         }
+        assert!(
+            message.contains(&format!(
+                "{} restarts, more than the {MAX_RESTARTS} engine.maxRestarts allows",
+                MAX_RESTARTS + 1
+            )),
+            "{data}"
+        );
+        let before = restarting[i]
+            .take()
+            .unwrap_or_else(|| panic!("{engine}: never showed {reason} before it failed"));
+        eprintln!("{engine} while restarting: {}", before["message"]);
+        assert_eq!(before["status"], "initializing", "{before}");
+        let message = before["message"].as_str().unwrap_or_default();
+        assert!(message.contains("pod "), "{before}");
+        assert!(
+            message.contains(&format!(
+                "restarts of the {MAX_RESTARTS} engine.maxRestarts allows"
+            )),
+            "{before}"
+        );
     }
 
     // Drift: the Deployment deleted behind our back comes back.
