@@ -18,6 +18,10 @@ use k8s_lab::Lab;
 use serde_json::{Value, json};
 
 const NAMESPACE: &str = "xmod-shim";
+/// `engine.maxRestarts` of these tests: low, so a crash loop fails within about 30 s (the fake
+/// kubelet restarts a crashing container about every 10 s), and at least 2, so the lifecycle
+/// test's two drift repairs of one generation stay within it.
+const MAX_RESTARTS: u32 = 2;
 /// The identity `deploy/rbac.yaml` creates and binds.
 const SHIM_USER: &str = "system:serviceaccount:xmod-shim:xmod-shim";
 
@@ -27,6 +31,7 @@ fn write_config(dir: &Path, kubeconfig: &Path) -> std::path::PathBuf {
     let failing = |image: &str| json!({"image": image, "args": ["--port", "{port}"], "port": 8000, "startupTimeoutSecs": 120});
     let config = json!({
         "plugins": {"defaultShimlet": "k8s"},
+        "engine": {"maxRestarts": MAX_RESTARTS},
         "pipelines": {"opensourcellm": {"checkModelDir": false}},
         "shimlets": {"k8s": {"kubeConfig": kubeconfig, "namespace": NAMESPACE}},
         "engines": {
@@ -133,23 +138,73 @@ fn lifecycle_failures_drift_and_request_counts_with_the_shipped_rbac() {
         "{pending}"
     );
 
-    // The fake kubelet's failures arrive typed.
-    for (engine, reason) in [
+    // The fake kubelet's failures arrive typed. A missing image fails at once; a crash loop or
+    // an OOM kill only once the kubelet has restarted the container more than maxRestarts
+    // times (the fake bumps restartCount about every 10 s): until then the service is
+    // initializing with the reason and the kubelet's words. All three at once, to save time.
+    let failing: Vec<(&str, &str, String)> = [
         ("failpull", "ImagePull"),
         ("failcrash", "CrashLoop"),
         ("failoom", "OutOfMemory"),
-    ] {
+    ]
+    .into_iter()
+    .map(|(engine, reason)| {
         let mut body = mock(engine);
         body["engine"] = json!(engine);
-        let failing = deploy(&shim, body);
-        let (data, _) = wait_status(&shim, &failing, 90, |d| d["reason"] == reason);
-        eprintln!("{engine}: {} {}", data["status"], data["message"]);
+        (engine, reason, deploy(&shim, body))
+    })
+    .collect();
+    // Watched side by side (they restart at the same pace): for each, the first status read
+    // with its reason while not failed yet, and the failed one.
+    let started = Instant::now();
+    let mut restarting: Vec<Option<Value>> = vec![None; failing.len()];
+    let mut failed: Vec<Option<(Value, f64)>> = vec![None; failing.len()];
+    while failed.iter().any(Option::is_none) {
         assert!(
-            data["message"]
-                .as_str()
-                .unwrap_or_default()
-                .contains("pod "),
+            started.elapsed() < Duration::from_secs(90),
+            "not all failed within 90 s: {failed:?}"
+        );
+        for (i, (_, reason, id)) in failing.iter().enumerate() {
+            if failed[i].is_some() {
+                continue;
+            }
+            let data = status(&shim, id);
+            if data["status"] == "failed" {
+                failed[i] = Some((data, started.elapsed().as_secs_f64()));
+            } else if restarting[i].is_none() && data["reason"] == *reason {
+                restarting[i] = Some(data);
+            }
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    for (i, (engine, reason, _)) in failing.iter().enumerate() {
+        let (data, after) = failed[i].take().unwrap();
+        eprintln!("{engine}: failed after {after:.1} s: {}", data["message"]);
+        assert_eq!(data["reason"], *reason, "{data}");
+        let message = data["message"].as_str().unwrap_or_default();
+        assert!(message.contains("pod "), "{data}");
+        if *engine == "failpull" {
+            continue;
+        }
+        assert!(
+            message.contains(&format!(
+                "{} restarts, more than the {MAX_RESTARTS} engine.maxRestarts allows",
+                MAX_RESTARTS + 1
+            )),
             "{data}"
+        );
+        let before = restarting[i]
+            .take()
+            .unwrap_or_else(|| panic!("{engine}: never showed {reason} before it failed"));
+        eprintln!("{engine} while restarting: {}", before["message"]);
+        assert_eq!(before["status"], "initializing", "{before}");
+        let message = before["message"].as_str().unwrap_or_default();
+        assert!(message.contains("pod "), "{before}");
+        assert!(
+            message.contains(&format!(
+                "restarts of the {MAX_RESTARTS} engine.maxRestarts allows"
+            )),
+            "{before}"
         );
     }
 
@@ -242,7 +297,7 @@ const NOT_SEEN_IN_THIS_TEST: &[&str] = &[
     "leases:update",
 ];
 
-/// `resource:verb` for every rule of the Role in `deploy/rbac.yaml`.
+/// `resource:verb` for every rule of the Role and the ClusterRole in `deploy/rbac.yaml`.
 fn granted_by_shipped_rbac() -> Vec<String> {
     let text =
         std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/rbac.yaml"))
@@ -250,7 +305,7 @@ fn granted_by_shipped_rbac() -> Vec<String> {
     let mut granted = Vec::new();
     for doc in serde_yaml::Deserializer::from_str(&text) {
         let object: Value = serde::Deserialize::deserialize(doc).unwrap();
-        if object["kind"] != "Role" {
+        if object["kind"] != "Role" && object["kind"] != "ClusterRole" {
             continue;
         }
         for rule in object["rules"].as_array().unwrap() {

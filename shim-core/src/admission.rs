@@ -15,7 +15,7 @@ use futures::future::BoxFuture;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
-use crate::gpu::{GpuAllocator, GpuNeed};
+use crate::gpu::{ClusterGpus, GpuAllocator, GpuNeed};
 use crate::pipeline::Pipeline;
 use crate::spec::DeploySpec;
 
@@ -80,8 +80,12 @@ pub struct AdmissionRequest {
     pub service_id: Option<String>,
     /// The requested spec (already validated).
     pub spec: DeploySpec,
-    /// The GPU inventory.
+    /// The GPU inventory of this host.
     pub gpus: Arc<GpuAllocator>,
+    /// The cluster's nodes and their GPUs, when the runtime's scheduler places replicas
+    /// ([`Shimlet::cluster_gpus`](crate::Shimlet::cluster_gpus)); a request is then checked
+    /// against these, not against `gpus`.
+    pub cluster: Option<ClusterGpus>,
 }
 
 /// The hook's answer.
@@ -105,6 +109,7 @@ pub type AdmissionFn = Arc<dyn Fn(AdmissionRequest) -> BoxFuture<'static, Verdic
 pub(crate) async fn admit(
     pipeline: &Pipeline,
     gpus: &Arc<GpuAllocator>,
+    cluster: Option<ClusterGpus>,
     mode: FitCheck,
     spec: &DeploySpec,
     service_id: Option<&str>,
@@ -118,6 +123,7 @@ pub(crate) async fn admit(
             service_id: service_id.map(String::from),
             spec: spec.clone(),
             gpus: gpus.clone(),
+            cluster,
         })
         .await
     else {

@@ -28,7 +28,9 @@ pub struct EngineConfig {
     pub backoff_base: Duration,
     /// Largest retry delay.
     pub backoff_cap: Duration,
-    /// Repairs of a running service (per spec generation) before it is declared failed.
+    /// Repairs of a running service (per spec generation) before it is declared failed; also
+    /// the restarts a runtime that restarts containers itself (Kubernetes) allows a crashing or
+    /// out-of-memory replica before its service is failed.
     pub max_restarts: u32,
     /// Events kept per service in the store.
     pub event_history: usize,
@@ -91,6 +93,7 @@ impl EngineConfig {
             policy: self.validation_policy(),
             data_dir: self.data_dir.clone(),
             default_engine: self.default_engine.clone(),
+            max_restarts: self.max_restarts,
         }
     }
 }
@@ -106,6 +109,10 @@ pub struct PluginSettings {
     pub data_dir: PathBuf,
     /// Engine preset used when a request names none.
     pub default_engine: String,
+    /// `engine.maxRestarts`: how often a replica may crash or run out of memory before its
+    /// service is failed. Runtimes that restart containers themselves (Kubernetes) apply it to
+    /// their own restart count.
+    pub max_restarts: u32,
 }
 
 impl PluginSettings {

@@ -20,7 +20,7 @@ use crate::pipeline::{Pipeline, PipelineContext, PipelineObserver, StepErrorKind
 use crate::queue::WorkQueue;
 use crate::record::{Desired, ServiceRecord};
 use crate::registry;
-use crate::shimlet::{Notifier, Shimlet, ShimletContext, WorkloadState};
+use crate::shimlet::{Failure, Notifier, Shimlet, ShimletContext, WorkloadState};
 use crate::spec::{DeploySpec, ValidationPolicy};
 use crate::store::{Ack, MemoryStore, Store};
 use crate::workload::FailureReason;
@@ -409,6 +409,7 @@ impl Engine {
         crate::admission::admit(
             &self.inner.pipeline,
             &self.inner.gpus,
+            self.inner.shimlet.cluster_gpus(),
             self.inner.config.fit_check,
             spec,
             id,
@@ -417,9 +418,19 @@ impl Engine {
         .await
     }
 
-    /// The GPU inventory and allocator (`GET /api/v1/gpus`, GPU metrics).
+    /// This host's GPU inventory and allocator, which the local runtimes place replicas with.
     pub fn gpus(&self) -> &Arc<GpuAllocator> {
         &self.inner.gpus
+    }
+
+    /// The GPUs services get (`GET /api/v1/gpus`, GPU metrics): the cluster's nodes' when the
+    /// runtime's scheduler places replicas ([`Shimlet::cluster_gpus`]), else this host's. May
+    /// run `nvidia-smi`: call it off the async workers.
+    pub fn gpu_inventory(&self) -> Vec<crate::gpu::GpuStatus> {
+        match self.inner.shimlet.cluster_gpus() {
+            Some(cluster) => cluster.rows(),
+            None => self.inner.gpus.snapshot(),
+        }
     }
 
     /// A live service's record; `None` once deleted or never deployed.
@@ -1383,6 +1394,24 @@ impl PipelineObserver for RunObserver {
 
     fn on_unblocked(&self, step: &str) {
         self.with_record(|engine, record| unblock(engine, record, step));
+    }
+
+    fn on_reason(&self, _step: &str, why: Option<&Failure>) {
+        self.with_record(|engine, record| {
+            // Only a service on its way up: a pending one shows what it waits for, and a
+            // settled one has its own reason.
+            if !matches!(record.phase, Phase::Initializing | Phase::Recovering) {
+                return;
+            }
+            let reason = why.map(|f| f.reason.as_str());
+            let message = why.map(|f| f.message.clone());
+            if record.reason == reason && record.message == message {
+                return;
+            }
+            record.reason = reason;
+            record.message = message;
+            drop(engine.inner.store.save(record));
+        });
     }
 }
 

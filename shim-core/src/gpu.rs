@@ -1,5 +1,6 @@
 //! The one accelerator allocator, shared by the local runtimes (processes and Docker).
-//! Kubernetes leaves placement to the cluster scheduler and does not use it.
+//! Kubernetes leaves placement to the cluster scheduler and does not use it; its shimlet reports
+//! the nodes' GPUs instead ([`ClusterGpus`]), which admission and `GET /api/v1/gpus` then use.
 //!
 //! It also keeps the GPU inventory: each GPU's name and memory from `nvidia-smi`, re-read when a
 //! reader finds it older than [`REFRESH`]. With memory known and a service's need per GPU
@@ -97,6 +98,63 @@ pub struct GpuStatus {
     pub memory_free_bytes: Option<u64>,
     /// The service holding it, if any.
     pub held_by: Option<String>,
+    /// The cluster node it is on (runtimes that place replicas on nodes: Kubernetes).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
+}
+
+/// The GPUs of one node of a cluster whose own scheduler places replicas (Kubernetes), as the
+/// runtime reports them. A replica's GPUs are all on one node.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct NodeGpus {
+    /// Node name.
+    pub node: String,
+    /// GPUs the node can give to pods (its capacity less what the system reserves), whether or
+    /// not pods hold them now.
+    pub allocatable: u32,
+    /// Memory of each of its GPUs, when the node says; `None` = unknown.
+    pub memory_bytes: Option<u64>,
+    /// Product name, when the node says.
+    pub product: Option<String>,
+}
+
+/// What a runtime whose cluster places replicas knows of the cluster's GPUs
+/// ([`Shimlet::cluster_gpus`](crate::Shimlet::cluster_gpus)).
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ClusterGpus {
+    /// The nodes that have GPUs, as last seen.
+    Nodes(Vec<NodeGpus>),
+    /// Not known: the nodes could not be listed (no permission, API server away); says why.
+    Unknown(String),
+}
+
+impl ClusterGpus {
+    /// One row per GPU for `GET /api/v1/gpus` and the GPU metrics: id `<node>/<n>`, total memory
+    /// when the node says. Used and free memory and the holder are not known: the cluster gives
+    /// each GPU whole to one pod, and the shim does not see which.
+    pub fn rows(&self) -> Vec<GpuStatus> {
+        let Self::Nodes(nodes) = self else {
+            return Vec::new();
+        };
+        nodes
+            .iter()
+            .flat_map(|n| {
+                (0..n.allocatable).map(move |i| GpuStatus {
+                    id: format!("{}/{i}", n.node),
+                    index: Some(i),
+                    uuid: None,
+                    name: n.product.clone(),
+                    memory_total_bytes: n.memory_bytes,
+                    memory_used_bytes: None,
+                    memory_free_bytes: None,
+                    held_by: None,
+                    node: Some(n.node.clone()),
+                })
+            })
+            .collect()
+    }
 }
 
 /// What a service needs on each GPU, recorded at admission so placement can pick GPUs that
@@ -268,6 +326,7 @@ impl GpuAllocator {
                     memory_used_bytes: used,
                     memory_free_bytes: total.zip(used).map(|(t, u)| t.saturating_sub(u)),
                     held_by,
+                    node: None,
                 }
             })
             .collect()
@@ -538,6 +597,32 @@ mod tests {
         let c = gpus.candidates().unwrap();
         assert_eq!(c.len(), 1);
         assert_eq!(c[0].free_bytes, 2000 * MIB);
+    }
+
+    #[test]
+    fn cluster_rows_list_every_allocatable_gpu_of_every_node() {
+        let cluster = ClusterGpus::Nodes(vec![
+            NodeGpus {
+                node: "a".into(),
+                allocatable: 2,
+                memory_bytes: Some(80 << 30),
+                product: Some("NVIDIA H100".into()),
+            },
+            NodeGpus {
+                node: "b".into(),
+                allocatable: 1,
+                memory_bytes: None,
+                product: None,
+            },
+        ]);
+        let rows = cluster.rows();
+        let ids: Vec<&str> = rows.iter().map(|r| r.id.as_str()).collect();
+        assert_eq!(ids, ["a/0", "a/1", "b/0"]);
+        assert_eq!(rows[1].memory_total_bytes, Some(80 << 30));
+        assert_eq!(rows[1].name.as_deref(), Some("NVIDIA H100"));
+        assert_eq!(rows[2].node.as_deref(), Some("b"));
+        assert_eq!(rows[2].memory_total_bytes, None);
+        assert!(ClusterGpus::Unknown("forbidden".into()).rows().is_empty());
     }
 
     #[test]

@@ -61,7 +61,7 @@ pub use dry_run::DryRun;
 pub use engine::{Engine, EngineBuilder, PluginInfo};
 pub use error::{Error, Result};
 pub use event::{Event, EventBus, EventKind, EventStream, Received};
-pub use gpu::{GpuAllocator, GpuError, GpuNeed, GpuStatus};
+pub use gpu::{ClusterGpus, GpuAllocator, GpuError, GpuNeed, GpuStatus, NodeGpus};
 pub use phase::{Phase, Transition, TransitionError, Trigger};
 pub use pipeline::{
     Pipeline, PipelineBuilder, PipelineContext, StepError, StepErrorKind, StepOptions,

@@ -11,7 +11,7 @@ use futures::future::BoxFuture;
 use serde::{Deserialize, Serialize};
 
 use crate::event::EventKind;
-use crate::shimlet::{Shimlet, ShimletError};
+use crate::shimlet::{Failure, Shimlet, ShimletError};
 use crate::spec::DeploySpec;
 use crate::workload::FailureReason;
 
@@ -194,6 +194,12 @@ pub trait PipelineObserver: Send + Sync {
     /// [`PipelineContext::unblocked`]).
     fn on_unblocked(&self, step: &str) {
         let _ = step;
+    }
+
+    /// The running step says why it is not done yet although nothing failed for good, or
+    /// (`None`) that this no longer holds (see [`PipelineContext::set_reason`]).
+    fn on_reason(&self, step: &str, why: Option<&Failure>) {
+        let _ = (step, why);
     }
 }
 
@@ -645,6 +651,24 @@ impl PipelineContext {
         self.inner
             .observer
             .on_change(&snapshot, EventKind::StepProgress { step, message });
+    }
+
+    /// Says why the running step is not done yet although nothing has failed for good (e.g. a
+    /// container that crashes and that the runtime restarts, fewer than `maxRestarts` times):
+    /// the service keeps its phase and shows `why` as its reason and message, so a client sees
+    /// what goes wrong before it turns `failed` or recovers. `None` withdraws it.
+    pub fn set_reason(&self, why: Option<Failure>) {
+        let index = *self.inner.current_step.lock().expect("step lock");
+        let step = self
+            .inner
+            .progress
+            .lock()
+            .expect("progress lock")
+            .get(index)
+            .map(|s| s.name.clone());
+        if let Some(step) = step {
+            self.inner.observer.on_reason(&step, why.as_ref());
+        }
     }
 
     /// Says that what this step was blocked on (resources, scheduling) is there now, so a service

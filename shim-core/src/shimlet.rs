@@ -7,7 +7,7 @@ use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 
 use crate::config::PluginSettings;
-use crate::gpu::GpuAllocator;
+use crate::gpu::{ClusterGpus, GpuAllocator};
 use crate::queue::WorkQueue;
 use crate::workload::{FailureReason, WorkloadSpec};
 
@@ -42,6 +42,15 @@ pub trait Shimlet: Send + Sync + 'static {
     async fn render(&self, workload: &WorkloadSpec) -> Result<serde_json::Value, ShimletError> {
         let _ = workload;
         Err(ShimletError::unsupported("render"))
+    }
+
+    /// The GPUs of the cluster's nodes, for a runtime whose own scheduler places replicas
+    /// (Kubernetes): admission checks requests against them, and `GET /api/v1/gpus` shows them,
+    /// instead of this host's `nvidia-smi`. Answered from the shimlet's own view (it is called
+    /// on every deploy). `None`, the default: replicas run on this host's GPUs
+    /// ([`GpuAllocator`]).
+    fn cluster_gpus(&self) -> Option<ClusterGpus> {
+        None
     }
 }
 

@@ -112,6 +112,21 @@ pub struct Estimate {
     pub tensor_parallel: u32,
 }
 
+impl Estimate {
+    /// "needs 81.0 GiB per GPU (weights 15.0, KV cache 64.0 for 524288 tokens, overhead 2.0)":
+    /// how every fit message starts.
+    pub fn needs(&self) -> String {
+        format!(
+            "needs {} GiB per GPU (weights {}, KV cache {} for {} tokens, overhead {})",
+            format_gib(self.per_gpu_bytes),
+            format_gib(self.weights_bytes),
+            format_gib(self.kv_cache_bytes),
+            self.context_length,
+            format_gib(self.overhead_bytes),
+        )
+    }
+}
+
 /// Context used when neither the request, the preset nor the model says.
 const FALLBACK_CONTEXT: u64 = 2048;
 
@@ -282,14 +297,7 @@ pub fn plan(
     gpus: Option<&[GpuMemory]>,
 ) -> Option<Plan> {
     let est = estimate(info, profile, context, tp)?;
-    let needs = format!(
-        "needs {} GiB per GPU (weights {}, KV cache {} for {} tokens, overhead {})",
-        format_gib(est.per_gpu_bytes),
-        format_gib(est.weights_bytes),
-        format_gib(est.kv_cache_bytes),
-        est.context_length,
-        format_gib(est.overhead_bytes),
-    );
+    let needs = est.needs();
     let unchecked = |why: &str| Plan {
         estimate: est,
         fits: None,

@@ -1,6 +1,7 @@
 //! Built-in pipelines of xmod-shim: `opensourcellm`, which deploys open-source LLMs with an
 //! engine preset (vLLM, SGLang, llama.cpp, or the built-in mock engine).
 
+mod cluster_fit;
 pub mod opensourcellm;
 pub mod presets;
 

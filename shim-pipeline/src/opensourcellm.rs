@@ -146,12 +146,14 @@ async fn admission(setup: Arc<Setup>, request: AdmissionRequest) -> Verdict {
     let dir = spec.model_dir(&setup.policy);
     let policy = setup.policy.clone();
     let gpus = request.gpus;
+    let cluster = request.cluster;
     let context = spec
         .context_length
         .and_then(|c| u64::try_from(c).ok())
         .filter(|c| *c > 0);
     let tp = spec.accelerators();
     let replicas = spec.replicas();
+    let spec_model = spec.model_name.clone();
     let work = move || {
         let info = match inspect_within(&dir, &policy) {
             Ok(info) => info,
@@ -162,6 +164,18 @@ async fn admission(setup: Arc<Setup>, request: AdmissionRequest) -> Verdict {
                 };
             }
         };
+        if let Some(cluster) = &cluster {
+            // The cluster's scheduler places replicas on its nodes: compare with those.
+            let Some(plan) =
+                crate::cluster_fit::plan_on_nodes(&info, &profile, context, tp, replicas, cluster)
+            else {
+                return no_shape(&dir);
+            };
+            if plan.fits.is_none() && tp > 0 && replicas > 0 {
+                tracing::warn!(model = %spec_model, "fit not fully checked: {}", plan.message);
+            }
+            return verdict(plan, tp, profile.memory_fraction);
+        }
         let candidates: Option<Vec<GpuMemory>> = gpus.candidates().map(|list| {
             list.into_iter()
                 .map(|g| GpuMemory {
@@ -178,32 +192,9 @@ async fn admission(setup: Arc<Setup>, request: AdmissionRequest) -> Verdict {
             candidates.as_deref()
         };
         let Some(plan) = shim_model::plan(&info, &profile, context, tp, replicas, gpus_seen) else {
-            return Verdict {
-                note: Some(format!(
-                    "{}: the model's metadata does not give layers, KV heads and head size",
-                    dir.display()
-                )),
-                ..Verdict::default()
-            };
+            return no_shape(&dir);
         };
-        Verdict {
-            estimate: Some(Estimate {
-                per_gpu_bytes: plan.estimate.per_gpu_bytes,
-                weights_bytes: plan.estimate.weights_bytes,
-                kv_cache_bytes: plan.estimate.kv_cache_bytes,
-                overhead_bytes: plan.estimate.overhead_bytes,
-                context_length: plan.estimate.context_length,
-                tensor_parallel: plan.estimate.tensor_parallel,
-                fits: plan.fits,
-                message: plan.message,
-                max_context_length: plan.max_context_length,
-            }),
-            need: (tp > 0).then_some(GpuNeed {
-                bytes: plan.estimate.per_gpu_bytes,
-                memory_fraction: profile.memory_fraction,
-            }),
-            note: None,
-        }
+        verdict(plan, tp, profile.memory_fraction)
     };
     // Header reads are small but they are file I/O; keep them off the async workers.
     tokio::task::spawn_blocking(work)
@@ -212,6 +203,39 @@ async fn admission(setup: Arc<Setup>, request: AdmissionRequest) -> Verdict {
             note: Some(format!("model inspection failed: {e}")),
             ..Verdict::default()
         })
+}
+
+/// The verdict on a model whose metadata lacks the attention shape.
+fn no_shape(dir: &Path) -> Verdict {
+    Verdict {
+        note: Some(format!(
+            "{}: the model's metadata does not give layers, KV heads and head size",
+            dir.display()
+        )),
+        ..Verdict::default()
+    }
+}
+
+/// The verdict for a plan of `tp` GPUs per replica.
+fn verdict(plan: shim_model::Plan, tp: u32, memory_fraction: f64) -> Verdict {
+    Verdict {
+        estimate: Some(Estimate {
+            per_gpu_bytes: plan.estimate.per_gpu_bytes,
+            weights_bytes: plan.estimate.weights_bytes,
+            kv_cache_bytes: plan.estimate.kv_cache_bytes,
+            overhead_bytes: plan.estimate.overhead_bytes,
+            context_length: plan.estimate.context_length,
+            tensor_parallel: plan.estimate.tensor_parallel,
+            fits: plan.fits,
+            message: plan.message,
+            max_context_length: plan.max_context_length,
+        }),
+        need: (tp > 0).then_some(GpuNeed {
+            bytes: plan.estimate.per_gpu_bytes,
+            memory_fraction,
+        }),
+        note: None,
+    }
 }
 
 /// Inspects the model directory, refusing one that resolves outside the allowed roots (a
@@ -444,12 +468,24 @@ async fn wait_ready(setup: Arc<Setup>, ctx: PipelineContext) -> Result<(), StepE
     let mut last_key = None;
     let mut reported_at = Instant::now();
     let mut port_retries = 0;
+    // What the runtime last said goes wrong while it keeps trying (a crash loop below
+    // `maxRestarts`), shown as the service's reason until it changes or clears.
+    let mut noted: Option<shim_core::shimlet::Failure> = None;
     loop {
         let seen = ctx.shimlet().observe(ctx.service_id()).await?;
         let waited = started.elapsed().as_secs();
-        let key = (seen.state, seen.ready_replicas);
+        let key = (
+            seen.state,
+            seen.ready_replicas,
+            seen.failure.as_ref().map(|f| f.message.clone()),
+        );
         let report = match seen.state {
-            WorkloadState::Ready => return Ok(()),
+            WorkloadState::Ready => {
+                if noted.is_some() {
+                    ctx.set_reason(None);
+                }
+                return Ok(());
+            }
             // Another program took the engine's port between its choice and the bind (a race
             // no runtime can close): applying again starts it on a free port.
             WorkloadState::Failed
@@ -482,13 +518,23 @@ async fn wait_ready(setup: Arc<Setup>, ctx: PipelineContext) -> Result<(), StepE
             WorkloadState::Starting | WorkloadState::Missing => {
                 // Scheduled and loading: no longer waiting for resources.
                 ctx.unblocked();
-                format!(
-                    "{}/{} replicas ready after {waited} s (loading the model)",
+                let progress = format!(
+                    "{}/{} replicas ready after {waited} s",
                     seen.ready_replicas, workload.replicas
-                )
+                );
+                // A failure beside `Starting` is one the runtime still retries (a container
+                // restarted after a crash or an OOM kill): not final, but the client must see it.
+                if seen.failure != noted {
+                    ctx.set_reason(seen.failure.clone());
+                    noted = seen.failure.clone();
+                }
+                match &seen.failure {
+                    Some(f) => format!("{progress} ({:?}: {})", f.reason, f.message),
+                    None => format!("{progress} (loading the model)"),
+                }
             }
         };
-        if last_key != Some(key) || reported_at.elapsed() >= Duration::from_secs(10) {
+        if last_key.as_ref() != Some(&key) || reported_at.elapsed() >= Duration::from_secs(10) {
             ctx.report(report.clone());
             last_key = Some(key);
             reported_at = Instant::now();
@@ -857,6 +903,105 @@ mod tests {
         assert_eq!(applies, 1 + PORT_RETRIES);
     }
 
+    /// A runtime whose container crashes (and is restarted by it) on the first `crashes`
+    /// observations, then is ready.
+    struct CrashesThenReady {
+        observed: std::sync::atomic::AtomicU32,
+        crashes: u32,
+    }
+
+    #[async_trait::async_trait]
+    impl Shimlet for CrashesThenReady {
+        async fn apply(&self, _: &WorkloadSpec) -> Result<(), shim_core::ShimletError> {
+            Ok(())
+        }
+        async fn observe(
+            &self,
+            _: &str,
+        ) -> Result<shim_core::WorkloadObservation, shim_core::ShimletError> {
+            let n = self
+                .observed
+                .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            Ok(if n < self.crashes {
+                shim_core::WorkloadObservation {
+                    state: WorkloadState::Starting,
+                    desired_replicas: 1,
+                    failure: Some(shim_core::shimlet::Failure {
+                        reason: FailureReason::OutOfMemory,
+                        message: format!(
+                            "OOMKilled ({} restarts of the 5 engine.maxRestarts allows)",
+                            n + 1
+                        ),
+                    }),
+                    ..shim_core::WorkloadObservation::missing()
+                }
+            } else {
+                shim_core::WorkloadObservation {
+                    state: WorkloadState::Ready,
+                    ready_replicas: 1,
+                    desired_replicas: 1,
+                    address: Some("http://127.0.0.1:9".into()),
+                    ..shim_core::WorkloadObservation::missing()
+                }
+            })
+        }
+        async fn delete(&self, _: &str) -> Result<shim_core::Removal, shim_core::ShimletError> {
+            Ok(shim_core::Removal::Gone)
+        }
+        async fn list(&self) -> Result<Vec<shim_core::ManagedWorkload>, shim_core::ShimletError> {
+            Ok(vec![])
+        }
+    }
+
+    /// Records the reasons steps set.
+    #[derive(Default)]
+    struct Reasons(std::sync::Mutex<Vec<Option<String>>>);
+
+    impl PipelineObserver for Reasons {
+        fn on_change(&self, _: &[StepProgress], _: EventKind) {}
+        fn on_reason(&self, step: &str, why: Option<&shim_core::shimlet::Failure>) {
+            assert_eq!(step, "wait_ready");
+            self.0
+                .lock()
+                .unwrap()
+                .push(why.map(|f| format!("{:?}: {}", f.reason, f.message)));
+        }
+    }
+
+    #[tokio::test]
+    async fn a_crash_the_runtime_still_restarts_is_shown_as_the_reason_not_a_failure() {
+        let s = setup(serde_json::json!({}));
+        let pipeline = build(&s.settings).unwrap();
+        let reasons = Arc::new(Reasons::default());
+        let ctx = PipelineContext::new(
+            "x",
+            1,
+            DeploySpec::named("qwen"),
+            Arc::new(CrashesThenReady {
+                observed: 0.into(),
+                crashes: 3,
+            }),
+            reasons.clone(),
+        );
+        // The apply step's goal check observes once too (a crash: not achieved).
+        pipeline.run(&ctx).await.unwrap();
+        let seen = reasons.0.lock().unwrap().clone();
+        assert_eq!(
+            seen,
+            [
+                Some(
+                    "OutOfMemory: OOMKilled (2 restarts of the 5 engine.maxRestarts allows)"
+                        .to_string()
+                ),
+                Some(
+                    "OutOfMemory: OOMKilled (3 restarts of the 5 engine.maxRestarts allows)"
+                        .to_string()
+                ),
+                None,
+            ]
+        );
+    }
+
     #[tokio::test]
     async fn unschedulable_workloads_block_wait_ready_with_the_runtimes_reason() {
         let failure = run_showing(
@@ -959,6 +1104,7 @@ mod admission_tests {
             }))
             .unwrap(),
             gpus: gpus.clone(),
+            cluster: None,
         };
 
         let verdict = pipeline.admit(ask("llama", 4096, 1)).await.unwrap();

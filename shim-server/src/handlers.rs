@@ -891,10 +891,11 @@ pub(crate) async fn healthz(State(state): State<AppState>) -> Response {
     )
 }
 
-/// Every GPU with its memory and holder; may run nvidia-smi, so off the async workers.
+/// Every GPU with its memory and holder (the cluster's nodes' on Kubernetes); may run
+/// nvidia-smi, so off the async workers.
 async fn gpu_snapshot(state: &AppState) -> Vec<shim_core::GpuStatus> {
-    let gpus = state.engine().gpus().clone();
-    tokio::task::spawn_blocking(move || gpus.snapshot())
+    let engine = state.engine().clone();
+    tokio::task::spawn_blocking(move || engine.gpu_inventory())
         .await
         .unwrap_or_default()
 }

@@ -38,6 +38,7 @@ use crate::names::is_dns_label;
 ///     shmSize: 16Gi                      # memory-backed /dev/shm for tensor-parallel engines
 ///     startupProbePeriodSecs: 10
 ///     progressDeadlineMarginSecs: 900
+///     watchNodes: true                   # the nodes' GPUs for the fit check (needs a ClusterRole)
 /// ```
 ///
 /// Environment overrides (`XMOD_SHIM_SHIMLETS__K8S__KUBECONFIG=…`) arrive lower-cased, so each
@@ -110,6 +111,12 @@ pub struct K8sConfig {
     /// (scheduling and pulling a large image happen before the start-up probe starts).
     #[serde(alias = "progressdeadlinemarginsecs")]
     pub progress_deadline_margin_secs: u32,
+    /// Watch the cluster's Nodes for their GPUs (allocatable count, memory label), which the fit
+    /// check (`engine.fitCheck`) and `GET /api/v1/gpus` use. Needs list and watch on nodes,
+    /// cluster-wide (`deploy/rbac.yaml`'s ClusterRole); off, GPU memory is unknown and requests
+    /// are not checked.
+    #[serde(alias = "watchnodes")]
+    pub watch_nodes: bool,
 }
 
 impl Default for K8sConfig {
@@ -135,6 +142,7 @@ impl Default for K8sConfig {
             shm_size: None,
             startup_probe_period_secs: 10,
             progress_deadline_margin_secs: 900,
+            watch_nodes: true,
         }
     }
 }

@@ -30,10 +30,17 @@
 //! [`Notifier`](shim_core::Notifier). [`Shimlet::observe`] reads the view only: a status read
 //! never calls the API server. The phase comes from the Deployment's rollout state and the pods'
 //! own words ([`status`] has the rules): image pull errors, crash loops with the last exit (an
-//! OOM kill is `OutOfMemory`), unschedulable pods with the scheduler's message, a passed progress
-//! deadline. The address follows `endpointMode`: in-cluster DNS, node address and node port, the
-//! load balancer, or an external base URL. A Deployment deleted or edited behind the shim's back
-//! reads as missing or changed, so the engine re-applies it.
+//! OOM kill is `OutOfMemory`; the service keeps starting with that reason until the container
+//! has restarted more than `engine.maxRestarts` times), unschedulable pods with the scheduler's
+//! message, a passed progress deadline. The address follows `endpointMode`: in-cluster DNS, node
+//! address and node port, the load balancer, or an external base URL. A Deployment deleted or
+//! edited behind the shim's back reads as missing or changed, so the engine re-applies it.
+//!
+//! # The cluster's GPUs
+//! [`nodes`] watches the Nodes (a small projection of each: allocatable `acceleratorResource`,
+//! the `nvidia.com/gpu.memory` label, the product) and offers them as the shimlet's
+//! [`cluster_gpus`](shim_core::Shimlet::cluster_gpus): the fit check compares a request with
+//! them (a replica's GPUs must all be on one node), and `GET /api/v1/gpus` lists them.
 //!
 //! # Desired state in the cluster
 //! [`crd`] defines the `ModelService` resource (`deploy/crds/modelservices.yaml` is generated
@@ -52,6 +59,7 @@ pub mod crd;
 mod errors;
 pub mod lease;
 mod names;
+pub mod nodes;
 mod ratelimit;
 mod render;
 mod shimlet;

@@ -11,8 +11,8 @@ use k8s_openapi::api::core::v1::{Pod, Service};
 use kube::api::{Api, DeleteParams, ListParams, LogParams, Patch, PatchParams};
 use kube::{Client, Resource};
 use shim_core::{
-    FailureReason, ManagedWorkload, Notifier, Removal, Shimlet, ShimletContext, ShimletError,
-    WorkloadObservation, WorkloadSpec,
+    ClusterGpus, FailureReason, ManagedWorkload, Notifier, Removal, Shimlet, ShimletContext,
+    ShimletError, WorkloadObservation, WorkloadSpec,
 };
 use tokio::task::AbortHandle;
 
@@ -22,6 +22,7 @@ use crate::errors::{classify, is_not_found, timed};
 use crate::names::{
     CONTAINER_NAME, FIELD_MANAGER, MANAGED_SELECTOR, service_id_of, service_selector,
 };
+use crate::nodes::Nodes;
 use crate::render::{Manifests, Renderer};
 use crate::status::{EndpointResolver, spec_generation};
 use crate::view::{View, spawn_watches};
@@ -42,6 +43,8 @@ struct Inner {
     timeout: Duration,
     renderer: Renderer,
     view: Arc<View>,
+    /// The nodes' GPUs; `None` with `watchNodes: false`.
+    nodes: Option<Arc<Nodes>>,
     deployments: Api<Deployment>,
     services: Api<Service>,
     pods: Api<Pod>,
@@ -80,14 +83,16 @@ impl K8sShimlet {
             .validate()
             .map_err(|e| ShimletError::permanent(FailureReason::InvalidSpec, e))?;
         let (client, origin) = connect(&config).await?;
-        Self::start(
+        let shimlet = Self::start(
             client,
             origin,
             config,
             ctx.settings.policy.model_root.clone(),
             ctx.notifier,
         )
-        .await
+        .await?;
+        shimlet.set_max_restarts(ctx.settings.max_restarts);
+        Ok(shimlet)
     }
 
     /// Starts on a client built by the caller (a custom service stack, or a mock API server in
@@ -133,13 +138,18 @@ impl K8sShimlet {
         ));
         let deployments = Api::namespaced(client.clone(), &namespace);
         let services = Api::namespaced(client.clone(), &namespace);
-        let pods = Api::namespaced(client, &namespace);
-        let watches = spawn_watches(
+        let pods = Api::namespaced(client.clone(), &namespace);
+        let mut watches = spawn_watches(
             &view,
             Api::clone(&deployments),
             Api::clone(&services),
             Api::clone(&pods),
         );
+        let nodes = config.watch_nodes.then(|| {
+            let nodes = Arc::new(Nodes::new(config.accelerator_resource.clone()));
+            watches.push(crate::nodes::spawn_watch(&nodes, Api::all(client)));
+            nodes
+        });
         let shimlet = Self {
             inner: Arc::new(Inner {
                 renderer: Renderer::new(config, namespace.clone(), model_root),
@@ -147,6 +157,7 @@ impl K8sShimlet {
                 origin,
                 timeout,
                 view,
+                nodes,
                 deployments,
                 services,
                 pods,
@@ -165,6 +176,11 @@ impl K8sShimlet {
                     format!("{e} in namespace {:?} on {}", inner.namespace, inner.origin),
                 )
             })?;
+        if let Some(nodes) = &inner.nodes {
+            // Not a reason to refuse to start (the fit check then says memory unknown), but the
+            // first requests should be checked against the nodes when they can be.
+            nodes.wait_answered(timeout.min(MIN_SYNC_WAIT)).await;
+        }
         tracing::info!(
             cluster = %inner.origin,
             namespace = %inner.namespace,
@@ -188,6 +204,13 @@ impl K8sShimlet {
     /// before the engine whose notifier it should use (`EngineBuilder::shimlet_instance`).
     pub fn set_notifier(&self, notifier: Notifier) {
         self.inner.view.set_notifier(notifier);
+    }
+
+    /// Sets `engine.maxRestarts` (the engine's default until called; [`K8sShimlet::connect`]
+    /// takes it from the engine's settings): a crash-looping or OOM-killed container fails its
+    /// service only once its `restartCount` exceeds it.
+    pub fn set_max_restarts(&self, max_restarts: u32) {
+        self.inner.view.set_max_restarts(max_restarts);
     }
 
     /// The Deployment and Service `apply` would send for `workload`.
@@ -442,5 +465,12 @@ impl Shimlet for K8sShimlet {
 
     async fn render(&self, workload: &WorkloadSpec) -> Result<serde_json::Value, ShimletError> {
         Ok(self.inner.renderer.render(workload)?.to_list())
+    }
+
+    fn cluster_gpus(&self) -> Option<ClusterGpus> {
+        Some(match &self.inner.nodes {
+            Some(nodes) => nodes.gpus(),
+            None => ClusterGpus::Unknown("shimlets.k8s.watchNodes is false".into()),
+        })
     }
 }

@@ -8,10 +8,15 @@
 //!    it: changed behind the shim's back, `Starting` with a reason, so the engine re-applies.
 //! 3. Rollout complete (the controller saw the newest spec, every wanted replica runs it and is
 //!    ready, no old replica is left) and the Service exists: `Ready` with the address.
-//! 4. Otherwise the pods explain why: image pull errors (`Failed`, `ImagePull`), crash loops
-//!    (`Failed`, `CrashLoop`, or `OutOfMemory` when the last exit was an OOM kill), missing
+//! 4. Otherwise the pods explain why: image pull errors (`Failed`, `ImagePull`), missing
 //!    programs (`BinaryNotFound`), unschedulable pods (`Pending`, `Unschedulable`, with the
-//!    scheduler's own message).
+//!    scheduler's own message), crash loops (`CrashLoop`, or `OutOfMemory` when the last exit was
+//!    an OOM kill): `Starting` with that reason while the kubelet restarts the container, and
+//!    `Failed` once its `restartCount` exceeds `engine.maxRestarts`. A crash or an OOM kill while
+//!    loading may be the node's or a neighbour's doing; only one that keeps coming back is the
+//!    model's (the rule of `FailureReason::RuntimeUnavailable`: only the spec or the model fails
+//!    a service). `restartCount` counts over the pod's life, so a pod that crashed now and then
+//!    over weeks fails at its next crash loop once the sum exceeds the limit.
 //! 5. Then the Deployment's conditions: `ProgressDeadlineExceeded` (`Failed`, `StartupTimeout`),
 //!    `ReplicaFailure` (quota: `Pending`; anything else, e.g. an admission denial: `Failed`).
 //! 6. Else `Starting`: scheduled, pulling, or loading the model.
@@ -231,12 +236,15 @@ fn http_url(host: &str, port: i32) -> String {
     }
 }
 
-/// What the cluster shows for one service. See the [module docs](self) for the rules.
+/// What the cluster shows for one service; a container may restart `max_restarts` times
+/// (`engine.maxRestarts`) before its crash loop fails the service. See the
+/// [module docs](self) for the rules.
 pub fn observe(
     objects: &ServiceObjects,
     mark: Option<&ApplyMark>,
     endpoints: &EndpointResolver,
     service_id: &str,
+    max_restarts: u32,
 ) -> WorkloadObservation {
     let Some(deployment) = objects.deployment() else {
         return match mark {
@@ -317,7 +325,8 @@ pub fn observe(
         return seen;
     }
     let pods: Vec<&Pod> = objects.pods_of(name).collect();
-    if let Some((state, failure)) = pods_failure(&pods) {
+    let said = pods_failure(&pods, max_restarts);
+    if let Some((state @ (WorkloadState::Failed | WorkloadState::Pending), failure)) = said {
         seen.state = state;
         seen.failure = Some(failure);
         return seen;
@@ -325,7 +334,10 @@ pub fn observe(
     if let Some((state, failure)) = deployment_failure(deployment) {
         seen.state = state;
         seen.failure = Some(failure);
+        return seen;
     }
+    // Still starting, perhaps with a crash loop the kubelet keeps restarting.
+    seen.failure = said.map(|(_, failure)| failure);
     seen
 }
 
@@ -347,23 +359,23 @@ fn rollout_complete(deployment: &Deployment, desired: u32) -> bool {
     observed && updated >= desired && total <= updated && ready >= desired
 }
 
-/// The most serious thing the pods report: a failure before a pending one.
-fn pods_failure(pods: &[&Pod]) -> Option<(WorkloadState, Failure)> {
-    let mut pending = None;
-    for pod in pods {
-        match pod_failure(pod) {
-            Some((WorkloadState::Failed, failure)) => {
-                return Some((WorkloadState::Failed, failure));
-            }
-            Some(found) if pending.is_none() => pending = Some(found),
-            _ => {}
-        }
-    }
-    pending
+/// The most serious thing the pods report: a failure, then a pending pod, then a crash loop
+/// still within `max_restarts` (`Starting`).
+fn pods_failure(pods: &[&Pod], max_restarts: u32) -> Option<(WorkloadState, Failure)> {
+    let rank = |state: WorkloadState| match state {
+        WorkloadState::Failed => 0,
+        WorkloadState::Pending => 1,
+        _ => 2,
+    };
+    // The first pod of the most serious kind.
+    pods.iter()
+        .filter_map(|pod| pod_failure(pod, max_restarts))
+        .min_by_key(|(state, _)| rank(*state))
 }
 
-/// Why one pod cannot run, if it says.
-pub fn pod_failure(pod: &Pod) -> Option<(WorkloadState, Failure)> {
+/// Why one pod cannot run, if it says: `Failed`, `Pending` (unschedulable), or `Starting` for a
+/// container in a crash loop that has restarted no more than `max_restarts` times.
+pub fn pod_failure(pod: &Pod, max_restarts: u32) -> Option<(WorkloadState, Failure)> {
     let pod_name = pod.metadata.name.as_deref().unwrap_or_default();
     let status = pod.status.as_ref()?;
     let containers = status
@@ -371,10 +383,18 @@ pub fn pod_failure(pod: &Pod) -> Option<(WorkloadState, Failure)> {
         .iter()
         .flatten()
         .chain(status.container_statuses.iter().flatten());
+    let mut retrying = None;
     for container in containers {
-        if let Some(failure) = container_failure(pod_name, container) {
-            return Some((WorkloadState::Failed, failure));
+        match container_failure(pod_name, container, max_restarts) {
+            Some((WorkloadState::Starting, failure)) => {
+                retrying.get_or_insert((WorkloadState::Starting, failure));
+            }
+            Some(found) => return Some(found),
+            None => {}
         }
+    }
+    if retrying.is_some() {
+        return retrying;
     }
     let unschedulable = status.conditions.iter().flatten().find(|c| {
         c.type_ == "PodScheduled"
@@ -393,68 +413,97 @@ pub fn pod_failure(pod: &Pod) -> Option<(WorkloadState, Failure)> {
     ))
 }
 
-fn container_failure(pod: &str, container: &ContainerStatus) -> Option<Failure> {
+fn container_failure(
+    pod: &str,
+    container: &ContainerStatus,
+    max_restarts: u32,
+) -> Option<(WorkloadState, Failure)> {
     let waiting = container.state.as_ref()?.waiting.as_ref()?;
     let reason = waiting.reason.as_deref()?;
     let said = waiting.message.as_deref().unwrap_or_default().trim();
     let name = &container.name;
+    let failed = |reason, message| Some((WorkloadState::Failed, Failure { reason, message }));
     if IMAGE_PULL_REASONS.contains(&reason) {
-        return Some(Failure {
-            reason: FailureReason::ImagePull,
-            message: join(
+        return failed(
+            FailureReason::ImagePull,
+            join(
                 format!(
                     "pod {pod}: container {name} cannot pull image {:?}: {reason}",
                     container.image
                 ),
                 said,
             ),
-        });
+        );
     }
     if reason == "CrashLoopBackOff" {
         let restarts = container.restart_count;
+        // Past the limit the crash is the model's (or the spec's): fail. Within it the kubelet
+        // keeps restarting the container, and the service keeps starting with the reason.
+        let over = i64::from(restarts) > i64::from(max_restarts);
+        let state = if over {
+            WorkloadState::Failed
+        } else {
+            WorkloadState::Starting
+        };
+        let count = if over {
+            format!("{restarts} restarts, more than the {max_restarts} engine.maxRestarts allows")
+        } else {
+            format!("{restarts} restarts of the {max_restarts} engine.maxRestarts allows")
+        };
         let last = container
             .last_state
             .as_ref()
             .and_then(|s| s.terminated.as_ref());
         let Some(last) = last else {
-            return Some(Failure {
-                reason: FailureReason::CrashLoop,
-                message: join(
-                    format!("pod {pod}: container {name} keeps crashing ({restarts} restarts)"),
-                    said,
-                ),
-            });
+            return Some((
+                state,
+                Failure {
+                    reason: FailureReason::CrashLoop,
+                    message: join(
+                        format!("pod {pod}: container {name} keeps crashing ({count})"),
+                        said,
+                    ),
+                },
+            ));
         };
         let exit = last.reason.as_deref().unwrap_or("Error");
         let output = last.message.as_deref().unwrap_or_default().trim();
+        if looks_like_missing_binary(output) {
+            // Restarting will not put the program into the image.
+            return failed(
+                FailureReason::BinaryNotFound,
+                join(
+                    format!("pod {pod}: container {name} cannot start its program ({exit})"),
+                    output,
+                ),
+            );
+        }
         let (reason, what) = if exit == "OOMKilled" {
             (
                 FailureReason::OutOfMemory,
                 format!(
                     "pod {pod}: container {name} was killed for running out of memory (OOMKilled, \
-                     exit code {}) and keeps restarting ({restarts} restarts)",
+                     exit code {}) and keeps restarting ({count})",
                     last.exit_code
                 ),
-            )
-        } else if looks_like_missing_binary(output) {
-            (
-                FailureReason::BinaryNotFound,
-                format!("pod {pod}: container {name} cannot start its program ({exit})"),
             )
         } else {
             (
                 FailureReason::CrashLoop,
                 format!(
-                    "pod {pod}: container {name} keeps crashing ({restarts} restarts); last exit \
-                     code {} ({exit})",
+                    "pod {pod}: container {name} keeps crashing ({count}); last exit code {} \
+                     ({exit})",
                     last.exit_code
                 ),
             )
         };
-        return Some(Failure {
-            reason,
-            message: join(what, output),
-        });
+        return Some((
+            state,
+            Failure {
+                reason,
+                message: join(what, output),
+            },
+        ));
     }
     if CREATE_REASONS.contains(&reason) {
         let reason_type = if looks_like_missing_binary(said) {
@@ -462,10 +511,10 @@ fn container_failure(pod: &str, container: &ContainerStatus) -> Option<Failure> 
         } else {
             FailureReason::RuntimeError
         };
-        return Some(Failure {
-            reason: reason_type,
-            message: join(format!("pod {pod}: container {name}: {reason}"), said),
-        });
+        return failed(
+            reason_type,
+            join(format!("pod {pod}: container {name}: {reason}"), said),
+        );
     }
     None
 }

@@ -8,6 +8,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt::Debug;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, RwLock, Weak};
 use std::time::Duration;
 
@@ -118,6 +119,8 @@ pub(crate) struct View {
     errors: Mutex<[Option<String>; 3]>,
     /// Told of every service whose objects changed.
     notifier: RwLock<Notifier>,
+    /// `engine.maxRestarts`: restarts of a crashing container before its service fails.
+    max_restarts: AtomicU32,
 }
 
 impl View {
@@ -128,7 +131,13 @@ impl View {
             synced: tokio::sync::watch::channel(0).0,
             errors: Mutex::default(),
             notifier: RwLock::new(notifier),
+            max_restarts: AtomicU32::new(shim_core::EngineConfig::default().max_restarts),
         }
+    }
+
+    /// Sets how often a crashing container may restart before its service fails.
+    pub(crate) fn set_max_restarts(&self, max_restarts: u32) {
+        self.max_restarts.store(max_restarts, Ordering::Relaxed);
     }
 
     /// Sends later changes to `notifier`.
@@ -161,6 +170,7 @@ impl View {
                 entry.mark.as_ref(),
                 &self.endpoints,
                 service_id,
+                self.max_restarts.load(Ordering::Relaxed),
             ),
             None => WorkloadObservation::missing(),
         }

@@ -1,6 +1,6 @@
 //! The manifests in `deploy/` stay consistent with the shimlet: the ConfigMap's configuration
-//! parses and validates, and the Role grants what the shimlet and the Kubernetes store do (and
-//! no more).
+//! parses and validates, and the Role (and the ClusterRole for nodes) grants what the shimlet and
+//! the Kubernetes store do (and no more).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
@@ -38,7 +38,16 @@ fn the_config_map_selects_the_k8s_shimlet_with_a_valid_section() {
 fn the_role_grants_exactly_what_the_shimlet_and_the_store_use() {
     let docs = documents("rbac.yaml");
     let kinds: Vec<&str> = docs.iter().filter_map(|d| d["kind"].as_str()).collect();
-    assert_eq!(kinds, ["ServiceAccount", "Role", "RoleBinding"]);
+    assert_eq!(
+        kinds,
+        [
+            "ServiceAccount",
+            "Role",
+            "RoleBinding",
+            "ClusterRole",
+            "ClusterRoleBinding"
+        ]
+    );
     let mut granted: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
     for rule in docs[1]["rules"].as_sequence().unwrap() {
         let group = rule["apiGroups"][0].as_str().unwrap().to_string();
@@ -83,8 +92,31 @@ fn the_role_grants_exactly_what_the_shimlet_and_the_store_use() {
     assert_eq!(
         docs[2]["roleRef"]["kind"].as_str(),
         Some("Role"),
-        "never a ClusterRole"
+        "the namespaced permissions are never granted cluster-wide"
     );
+    // Cluster-wide: reading Nodes for their GPUs (the fit check), and nothing else.
+    let cluster_rules = docs[3]["rules"].as_sequence().unwrap();
+    assert_eq!(cluster_rules.len(), 1);
+    assert_eq!(cluster_rules[0]["apiGroups"][0].as_str(), Some(""));
+    assert_eq!(
+        cluster_rules[0]["resources"].as_sequence().unwrap(),
+        &[serde_yaml::Value::from("nodes")]
+    );
+    assert_eq!(
+        cluster_rules[0]["verbs"].as_sequence().unwrap(),
+        &[
+            serde_yaml::Value::from("list"),
+            serde_yaml::Value::from("watch")
+        ]
+    );
+    let binding = &docs[4];
+    assert_eq!(binding["roleRef"]["kind"].as_str(), Some("ClusterRole"));
+    assert_eq!(binding["roleRef"]["name"], docs[3]["metadata"]["name"]);
+    assert_eq!(
+        binding["subjects"][0]["kind"].as_str(),
+        Some("ServiceAccount")
+    );
+    assert_eq!(binding["subjects"][0]["name"], docs[0]["metadata"]["name"]);
 }
 
 #[test]

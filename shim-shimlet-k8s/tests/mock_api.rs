@@ -305,9 +305,10 @@ async fn each_failure_the_cluster_reports_reaches_observe() {
             json!({"metadata": {"name": pod, "labels": labels}, "spec": {"containers": []}, "status": status}),
         );
     };
+    // 6 restarts: past the default engine.maxRestarts (5), so a crash loop reads as failed.
     let container = |state: serde_json::Value, last: serde_json::Value| {
         json!({"phase": "Running", "containerStatuses": [{"name": "engine", "image": "vllm/vllm-openai:v0.9",
-            "imageID": "", "ready": false, "restartCount": 5, "state": state, "lastState": last}]})
+            "imageID": "", "ready": false, "restartCount": 6, "state": state, "lastState": last}]})
     };
 
     put_pod(

@@ -179,6 +179,10 @@ impl Lab {
                 "CustomResourceDefinition" => {
                     "/apis/apiextensions.k8s.io/v1/customresourcedefinitions".to_string()
                 }
+                "ClusterRole" => "/apis/rbac.authorization.k8s.io/v1/clusterroles".to_string(),
+                "ClusterRoleBinding" => {
+                    "/apis/rbac.authorization.k8s.io/v1/clusterrolebindings".to_string()
+                }
                 other => panic!("{}: no collection known for kind {other}", file.display()),
             };
             self.create(&collection, &object);

@@ -13,6 +13,9 @@ use crate::workload::WorkloadSpec;
 /// Blocked attempts of the "scheduled-later" model (one test uses it).
 static SCHEDULING_WAITS: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
 
+/// Lets the "restarting" model's wait step finish (one test uses it).
+static RESTARTS_OVER: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
 /// Blocked attempts left for the "gpu-later" model (one test uses it).
 static GPU_WAITS: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
 
@@ -45,6 +48,18 @@ fn test_pipeline() -> Pipeline {
             Ok(())
         })
         .step("wait", |ctx: PipelineContext| async move {
+            if ctx.spec().model_name == "restarting" {
+                // The runtime restarts a crashed container: not a failure yet, but visible.
+                ctx.set_reason(Some(crate::shimlet::Failure {
+                    reason: FailureReason::CrashLoop,
+                    message: "container engine keeps crashing (1 restarts of the 2 engine.maxRestarts allows)"
+                        .into(),
+                }));
+                while !RESTARTS_OVER.load(std::sync::atomic::Ordering::SeqCst) {
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+                ctx.set_reason(None);
+            }
             if ctx.spec().model_name == "scheduled-later" {
                 if SCHEDULING_WAITS.fetch_add(1, std::sync::atomic::Ordering::SeqCst) < 2 {
                     return Err(StepError::blocked(
@@ -161,6 +176,38 @@ async fn a_deploy_goes_pending_initializing_running_with_every_transition_publis
             .iter()
             .any(|e| matches!(&e.kind, EventKind::StepSucceeded { step, .. } if step == "expose"))
     );
+}
+
+#[tokio::test]
+async fn a_reason_set_by_a_running_step_shows_while_initializing_and_clears_when_withdrawn() {
+    let (engine, _) = engine().await;
+    let id = engine
+        .deploy(DeploySpec::named("restarting"))
+        .await
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let waiting = loop {
+        let record = engine.get(&id).unwrap();
+        if record.reason.is_some() {
+            break record;
+        }
+        assert!(Instant::now() < deadline, "no reason shown: {record:?}");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    };
+    assert_eq!(waiting.phase, Phase::Initializing);
+    assert_eq!(waiting.reason.as_deref(), Some("CrashLoop"));
+    assert!(
+        waiting
+            .message
+            .as_deref()
+            .unwrap_or_default()
+            .contains("keeps crashing"),
+        "{waiting:?}"
+    );
+    RESTARTS_OVER.store(true, std::sync::atomic::Ordering::SeqCst);
+    let running = wait_for(&engine, &id, Phase::Running).await.unwrap();
+    assert_eq!((running.reason, running.message), (None, None));
+    engine.shutdown().await;
 }
 
 #[tokio::test]

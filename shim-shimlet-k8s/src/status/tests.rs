@@ -7,6 +7,8 @@ use crate::config::{K8sConfig, ServiceType};
 
 const ID: &str = "1a2b3c4d";
 const NAME: &str = "xmod-qwen-1a2b3c4d";
+/// `engine.maxRestarts` in these cases (the engine's default).
+const MAX_RESTARTS: u32 = 5;
 
 fn deployment(generation: i64, spec_gen: u64, replicas: i32, status: Value) -> Deployment {
     serde_json::from_value(json!({
@@ -122,7 +124,7 @@ fn resolver(config: K8sConfig) -> EndpointResolver {
 }
 
 fn see(o: &ServiceObjects) -> WorkloadObservation {
-    observe(o, None, &resolver(K8sConfig::default()), ID)
+    observe(o, None, &resolver(K8sConfig::default()), ID, MAX_RESTARTS)
 }
 
 fn failure(seen: &WorkloadObservation) -> (FailureReason, &str) {
@@ -237,36 +239,75 @@ fn image_pull_errors_fail_with_the_image_and_the_registrys_words() {
 }
 
 #[test]
-fn an_oom_killed_crash_loop_is_out_of_memory() {
-    let p = pod(
-        "a",
-        crash_loop(4, json!({"exitCode": 137, "reason": "OOMKilled"})),
-    );
-    let seen = see(&objects(Some(rolling()), None, vec![p]));
+fn an_oom_killed_crash_loop_keeps_starting_within_max_restarts_then_fails_out_of_memory() {
+    let oom = |restarts| {
+        pod(
+            "a",
+            crash_loop(restarts, json!({"exitCode": 137, "reason": "OOMKilled"})),
+        )
+    };
+    // Within the limit the kubelet restarts it: starting, with the reason and its words.
+    for restarts in [1, MAX_RESTARTS as i32] {
+        let seen = see(&objects(Some(rolling()), None, vec![oom(restarts)]));
+        assert_eq!(seen.state, WorkloadState::Starting, "{restarts} restarts");
+        let (why, message) = failure(&seen);
+        assert_eq!(why, FailureReason::OutOfMemory);
+        assert!(message.contains("OOMKilled"), "{message}");
+        assert!(message.contains("exit code 137"), "{message}");
+        assert!(
+            message.contains(&format!(
+                "{restarts} restarts of the 5 engine.maxRestarts allows"
+            )),
+            "{message}"
+        );
+    }
+    // One restart more than allowed: failed.
+    let seen = see(&objects(Some(rolling()), None, vec![oom(6)]));
     assert_eq!(seen.state, WorkloadState::Failed);
     let (why, message) = failure(&seen);
     assert_eq!(why, FailureReason::OutOfMemory);
-    assert!(message.contains("OOMKilled"), "{message}");
-    assert!(message.contains("exit code 137"), "{message}");
-    assert!(message.contains("4 restarts"), "{message}");
+    assert!(
+        message.contains("6 restarts, more than the 5 engine.maxRestarts allows"),
+        "{message}"
+    );
+    // The limit is the engine's setting, not a constant: with 0 the first restart fails it.
+    let strict = observe(
+        &objects(Some(rolling()), None, vec![oom(1)]),
+        None,
+        &resolver(K8sConfig::default()),
+        ID,
+        0,
+    );
+    assert_eq!(strict.state, WorkloadState::Failed);
 }
 
 #[test]
 fn a_crash_loop_carries_the_last_exit_and_the_engines_last_words() {
-    let p = pod(
-        "a",
-        crash_loop(
-            3,
-            json!({"exitCode": 1, "reason": "Error",
-                   "message": "RuntimeError: CUDA error: no kernel image is available\n"}),
-        ),
-    );
-    let seen = see(&objects(Some(rolling()), None, vec![p]));
-    assert_eq!(seen.state, WorkloadState::Failed);
+    let crashing = |restarts| {
+        pod(
+            "a",
+            crash_loop(
+                restarts,
+                json!({"exitCode": 1, "reason": "Error",
+                       "message": "RuntimeError: CUDA error: no kernel image is available\n"}),
+            ),
+        )
+    };
+    let seen = see(&objects(Some(rolling()), None, vec![crashing(3)]));
+    assert_eq!(seen.state, WorkloadState::Starting);
     let (why, message) = failure(&seen);
     assert_eq!(why, FailureReason::CrashLoop);
     assert!(message.contains("3 restarts"), "{message}");
     assert!(message.contains("exit code 1 (Error)"), "{message}");
+    assert!(
+        message.ends_with("CUDA error: no kernel image is available"),
+        "{message}"
+    );
+    let seen = see(&objects(Some(rolling()), None, vec![crashing(7)]));
+    assert_eq!(seen.state, WorkloadState::Failed);
+    let (why, message) = failure(&seen);
+    assert_eq!(why, FailureReason::CrashLoop);
+    assert!(message.contains("7 restarts, more than the 5"), "{message}");
     assert!(
         message.ends_with("CUDA error: no kernel image is available"),
         "{message}"
@@ -278,9 +319,54 @@ fn a_crash_loop_carries_the_last_exit_and_the_engines_last_words() {
         json!({"phase": "Running", "containerStatuses": [{"name": "engine", "image": "img", "imageID": "",
             "ready": false, "restartCount": 2, "state": {"waiting": {"reason": "CrashLoopBackOff"}}}]}),
     );
+    let seen = see(&objects(Some(rolling()), None, vec![p]));
+    assert_eq!(seen.state, WorkloadState::Starting);
+    assert_eq!(failure(&seen).0, FailureReason::CrashLoop);
+}
+
+#[test]
+fn a_crash_loop_within_the_limit_gives_way_to_a_failed_or_unschedulable_pod_and_to_the_deadline() {
+    let crashing = pod(
+        "a",
+        crash_loop(1, json!({"exitCode": 1, "reason": "Error"})),
+    );
+    let pulling = pod("b", waiting("ImagePullBackOff", "not found"));
+    let unschedulable = pod(
+        "c",
+        json!({"phase": "Pending", "conditions": [{"type": "PodScheduled", "status": "False",
+               "reason": "Unschedulable", "message": "0/1 nodes are available"}]}),
+    );
+    let seen = see(&objects(
+        Some(rolling()),
+        None,
+        vec![crashing.clone(), pulling],
+    ));
     assert_eq!(
-        failure(&see(&objects(Some(rolling()), None, vec![p]))).0,
-        FailureReason::CrashLoop
+        (seen.state, failure(&seen).0),
+        (WorkloadState::Failed, FailureReason::ImagePull)
+    );
+    let seen = see(&objects(
+        Some(rolling()),
+        None,
+        vec![crashing.clone(), unschedulable],
+    ));
+    assert_eq!(
+        (seen.state, failure(&seen).0),
+        (WorkloadState::Pending, FailureReason::Unschedulable)
+    );
+    // A passed progress deadline is final even while the kubelet still restarts.
+    let expired = deployment(
+        1,
+        1,
+        1,
+        json!({"observedGeneration": 1, "replicas": 1, "updatedReplicas": 1,
+               "conditions": [{"type": "Progressing", "status": "False",
+                               "reason": "ProgressDeadlineExceeded", "message": "timed out"}]}),
+    );
+    let seen = see(&objects(Some(expired), None, vec![crashing]));
+    assert_eq!(
+        (seen.state, failure(&seen).0),
+        (WorkloadState::Failed, FailureReason::StartupTimeout)
     );
 }
 
@@ -430,7 +516,13 @@ fn our_own_apply_not_yet_in_the_view_reads_as_starting() {
         in_flight: false,
     };
     // Created, but the watch has not delivered it.
-    let seen = observe(&ServiceObjects::default(), Some(&fresh), &r, ID);
+    let seen = observe(
+        &ServiceObjects::default(),
+        Some(&fresh),
+        &r,
+        ID,
+        MAX_RESTARTS,
+    );
     assert_eq!(seen.state, WorkloadState::Starting);
     assert_eq!((seen.desired_replicas, seen.generation), (2, Some(4)));
     // Updated: the view still shows the previous, ready spec.
@@ -443,7 +535,7 @@ fn our_own_apply_not_yet_in_the_view_reads_as_starting() {
         Some(service(json!({}), json!({}))),
         vec![],
     );
-    let seen = observe(&o, Some(&updated), &r, ID);
+    let seen = observe(&o, Some(&updated), &r, ID, MAX_RESTARTS);
     assert_eq!(seen.state, WorkloadState::Starting);
     assert_eq!(seen.generation, Some(4));
     // While an apply is under way nothing is concluded.
@@ -454,7 +546,7 @@ fn our_own_apply_not_yet_in_the_view_reads_as_starting() {
         ..fresh
     };
     assert_eq!(
-        observe(&o, Some(&in_flight), &r, ID).state,
+        observe(&o, Some(&in_flight), &r, ID, MAX_RESTARTS).state,
         WorkloadState::Starting
     );
     // Seen at its generation: the view is current.
@@ -463,7 +555,7 @@ fn our_own_apply_not_yet_in_the_view_reads_as_starting() {
         ..fresh
     };
     assert_eq!(
-        observe(&o, Some(&current), &r, ID).state,
+        observe(&o, Some(&current), &r, ID, MAX_RESTARTS).state,
         WorkloadState::Ready
     );
 }
@@ -473,7 +565,13 @@ fn drift_reads_as_missing_or_changed() {
     let r = resolver(K8sConfig::default());
     let applied = ApplyMark::adopted(1, 1, 1);
     // Deleted behind the shim's back.
-    let seen = observe(&ServiceObjects::default(), Some(&applied), &r, ID);
+    let seen = observe(
+        &ServiceObjects::default(),
+        Some(&applied),
+        &r,
+        ID,
+        MAX_RESTARTS,
+    );
     assert_eq!(seen, WorkloadObservation::missing());
     // Being deleted (foreground) counts as gone.
     let mut deleting = rolled_out(1);
@@ -486,20 +584,21 @@ fn drift_reads_as_missing_or_changed() {
         Some(&applied),
         &r,
         ID,
+        MAX_RESTARTS,
     );
     assert_eq!(seen.state, WorkloadState::Missing);
     // Edited (kubectl scale, kubectl edit): its generation moved past ours.
     let mut edited = rolled_out(3);
     edited.metadata.generation = Some(2);
     let o = objects(Some(edited), Some(service(json!({}), json!({}))), vec![]);
-    let seen = observe(&o, Some(&applied), &r, ID);
+    let seen = observe(&o, Some(&applied), &r, ID, MAX_RESTARTS);
     assert_eq!(seen.state, WorkloadState::Starting);
     let (why, message) = failure(&seen);
     assert_eq!(why, FailureReason::RuntimeError);
     assert!(message.contains("changed outside xmod-shim"), "{message}");
     // The Service deleted.
     let o = objects(Some(rolled_out(1)), None, vec![]);
-    let seen = observe(&o, Some(&applied), &r, ID);
+    let seen = observe(&o, Some(&applied), &r, ID, MAX_RESTARTS);
     assert_eq!(seen.state, WorkloadState::Starting);
     assert_eq!(failure(&seen).0, FailureReason::WorkloadMissing);
 }
@@ -547,13 +646,13 @@ fn node_port_endpoints_use_the_configured_address_or_the_pods_node() {
         Some(svc.clone()),
         vec![ready_pod("a", "10.0.0.7")],
     );
-    let seen = observe(&o, None, &resolver(config.clone()), ID);
+    let seen = observe(&o, None, &resolver(config.clone()), ID, MAX_RESTARTS);
     assert_eq!(seen.address.as_deref(), Some("http://10.0.0.7:31234"));
     let fixed = K8sConfig {
         node_address: Some("gpu.example.com".into()),
         ..config.clone()
     };
-    let seen = observe(&o, None, &resolver(fixed), ID);
+    let seen = observe(&o, None, &resolver(fixed), ID, MAX_RESTARTS);
     assert_eq!(
         seen.address.as_deref(),
         Some("http://gpu.example.com:31234")
@@ -563,7 +662,7 @@ fn node_port_endpoints_use_the_configured_address_or_the_pods_node() {
         Some(svc),
         vec![ready_pod("a", "fd00::7")],
     );
-    let seen = observe(&v6, None, &resolver(config.clone()), ID);
+    let seen = observe(&v6, None, &resolver(config.clone()), ID, MAX_RESTARTS);
     assert_eq!(seen.address.as_deref(), Some("http://[fd00::7]:31234"));
     // No node port assigned yet: not ready to be called.
     let unassigned = objects(
@@ -571,7 +670,7 @@ fn node_port_endpoints_use_the_configured_address_or_the_pods_node() {
         Some(service(json!({"type": "NodePort"}), json!({}))),
         vec![ready_pod("a", "10.0.0.7")],
     );
-    let seen = observe(&unassigned, None, &resolver(config), ID);
+    let seen = observe(&unassigned, None, &resolver(config), ID, MAX_RESTARTS);
     assert_eq!((seen.state, seen.address), (WorkloadState::Starting, None));
 }
 
@@ -589,7 +688,7 @@ fn load_balancer_endpoints_wait_for_the_ingress_address() {
         )),
         vec![],
     );
-    let seen = observe(&pending, None, &resolver(config.clone()), ID);
+    let seen = observe(&pending, None, &resolver(config.clone()), ID, MAX_RESTARTS);
     assert_eq!(seen.state, WorkloadState::Starting);
     for (ingress, address) in [
         (json!({"ip": "203.0.113.9"}), "http://203.0.113.9:8000"),
@@ -606,7 +705,7 @@ fn load_balancer_endpoints_wait_for_the_ingress_address() {
             )),
             vec![],
         );
-        let seen = observe(&assigned, None, &resolver(config.clone()), ID);
+        let seen = observe(&assigned, None, &resolver(config.clone()), ID, MAX_RESTARTS);
         assert_eq!(seen.state, WorkloadState::Ready);
         assert_eq!(seen.address.as_deref(), Some(address));
     }
@@ -623,7 +722,7 @@ fn external_endpoints_fill_in_the_base_url() {
         Some(service(json!({}), json!({}))),
         vec![],
     );
-    let seen = observe(&o, None, &resolver(config), ID);
+    let seen = observe(&o, None, &resolver(config), ID, MAX_RESTARTS);
     assert_eq!(
         seen.address.as_deref(),
         Some("https://llm.example.com/models/1a2b3c4d/xmod-qwen-1a2b3c4d")
@@ -641,7 +740,7 @@ fn a_custom_cluster_domain_is_used() {
         Some(service(json!({}), json!({}))),
         vec![],
     );
-    let seen = observe(&o, None, &resolver(config), ID);
+    let seen = observe(&o, None, &resolver(config), ID, MAX_RESTARTS);
     assert_eq!(
         seen.address.as_deref(),
         Some("http://xmod-qwen-1a2b3c4d.models.svc.corp.internal:8000")

@@ -754,11 +754,14 @@ pub async fn start(
     (shimlet, cluster, queue)
 }
 
-/// The configuration the tests use: the fake's namespace, defaults otherwise.
+/// The configuration the tests use: the fake's namespace, defaults otherwise. The fake serves no
+/// Nodes, so the node watch is off (it is tested in `src/nodes.rs` and `shim-cli`'s
+/// `e2e_k8s_gpus.rs`); on, its requests would show as violations and in request counts.
 pub fn config() -> K8sConfig {
     K8sConfig {
         namespace: Some(NAMESPACE.into()),
         timeout_secs: 5,
+        watch_nodes: false,
         ..K8sConfig::default()
     }
 }
