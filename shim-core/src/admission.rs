@@ -102,6 +102,27 @@ pub struct Verdict {
 /// An admission hook.
 pub type AdmissionFn = Arc<dyn Fn(AdmissionRequest) -> BoxFuture<'static, Verdict> + Send + Sync>;
 
+/// What an accepted service needs per GPU, asked of the pipeline's hook again without judging
+/// the fit: for services loaded from the store at start, whose needs were recorded in memory
+/// only when they were accepted, so their replicas are placed as well after a restart.
+pub(crate) async fn need_of(
+    pipeline: &Pipeline,
+    gpus: &Arc<GpuAllocator>,
+    cluster: Option<ClusterGpus>,
+    spec: &DeploySpec,
+    service_id: &str,
+) -> Option<GpuNeed> {
+    pipeline
+        .admit(AdmissionRequest {
+            service_id: Some(service_id.to_string()),
+            spec: spec.clone(),
+            gpus: gpus.clone(),
+            cluster,
+        })
+        .await?
+        .need
+}
+
 /// Runs the pipeline's hook and applies `mode`.
 ///
 /// # Errors

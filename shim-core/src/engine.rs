@@ -227,6 +227,7 @@ impl EngineBuilder {
             config,
         });
         let engine = Engine { inner };
+        engine.restore_gpu_needs().await;
         if engine.is_leader() {
             engine.report_orphans().await;
         }
@@ -416,6 +417,34 @@ impl Engine {
             dry_run,
         )
         .await
+    }
+
+    /// Records again what each loaded service needs per GPU (kept in memory only), before any
+    /// replica is placed again.
+    async fn restore_gpu_needs(&self) {
+        if self.inner.config.fit_check == crate::FitCheck::Off {
+            return;
+        }
+        let wanted: Vec<(String, DeploySpec)> = self
+            .inner
+            .services
+            .read()
+            .expect("services lock")
+            .values()
+            .filter(|r| r.desired == Desired::Present && r.spec.accelerators() > 0)
+            .map(|r| (r.id.clone(), r.spec.clone()))
+            .collect();
+        for (id, spec) in wanted {
+            let need = crate::admission::need_of(
+                &self.inner.pipeline,
+                &self.inner.gpus,
+                self.inner.shimlet.cluster_gpus(),
+                &spec,
+                &id,
+            )
+            .await;
+            self.inner.gpus.set_need(&id, need);
+        }
     }
 
     /// This host's GPU inventory and allocator, which the local runtimes place replicas with.

@@ -268,6 +268,11 @@ impl GpuAllocator {
         self.inventory.is_some()
     }
 
+    /// What `service` needs per GPU, as recorded.
+    pub fn need(&self, service: &str) -> Option<GpuNeed> {
+        self.needs.lock().expect("gpu lock").get(service).copied()
+    }
+
     /// Records what `service` needs per GPU; placement of its replicas uses it.
     pub fn set_need(&self, service: &str, need: Option<GpuNeed>) {
         let mut needs = self.needs.lock().expect("gpu lock");

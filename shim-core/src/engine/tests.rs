@@ -20,6 +20,10 @@ static RESTARTS_OVER: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicB
 static GPU_WAITS: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
 
 fn test_pipeline() -> Pipeline {
+    test_steps().build()
+}
+
+fn test_steps() -> crate::pipeline::PipelineBuilder {
     Pipeline::new("test")
         .step("apply", |ctx: PipelineContext| async move {
             let mut workload = WorkloadSpec::new(ctx.service_id(), ctx.generation(), "img");
@@ -81,7 +85,6 @@ fn test_pipeline() -> Pipeline {
             ));
             Ok(())
         })
-        .build()
 }
 
 fn config() -> EngineConfig {
@@ -785,4 +788,62 @@ async fn the_leader_takes_new_requests_of_others_and_followers_take_the_leaders_
     gone.phase = Phase::Deleted;
     assert!(follower.mirror(gone));
     assert!(follower.get(&id).is_none());
+}
+
+#[tokio::test]
+async fn gpu_needs_are_recorded_again_for_services_loaded_at_start() {
+    // The pipeline's hook says 8 GiB per GPU for any request with GPUs.
+    let with_admission = || {
+        test_steps()
+            .admission(|request: crate::admission::AdmissionRequest| async move {
+                crate::admission::Verdict {
+                    need: (request.spec.accelerators() > 0).then_some(crate::gpu::GpuNeed {
+                        bytes: 8 << 30,
+                        memory_fraction: 0.9,
+                    }),
+                    ..crate::admission::Verdict::default()
+                }
+            })
+            .build()
+    };
+    let build = |store: Arc<dyn Store>, pipeline: Pipeline| async move {
+        Engine::builder()
+            .config(config())
+            .store(store)
+            .shimlet_instance(|ctx| Arc::new(InstantShimlet::with_notifier(ctx.notifier)))
+            .pipeline(pipeline)
+            .build()
+            .await
+            .unwrap()
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("state.redb");
+    let mut spec = DeploySpec::named("qwen");
+    spec.resource_requirements = Some(crate::spec::ResourceRequirements {
+        accelerator_count: Some(1),
+        ..Default::default()
+    });
+    let id = {
+        let engine = build(
+            Arc::new(RedbStore::open(&path, 50).unwrap()),
+            with_admission(),
+        )
+        .await;
+        let id = engine.deploy(spec).await.unwrap();
+        assert_eq!(engine.gpus().need(&id).map(|n| n.bytes), Some(8 << 30));
+        engine.shutdown().await;
+        id
+    };
+    let store = loop {
+        match RedbStore::open(&path, 50) {
+            Ok(store) => break Arc::new(store),
+            Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+        }
+    };
+    let engine = build(store, with_admission()).await;
+    assert_eq!(
+        engine.gpus().need(&id).map(|n| n.bytes),
+        Some(8 << 30),
+        "the need was not recorded again at start"
+    );
 }
