@@ -158,6 +158,23 @@ pub struct EngineSection {
     pub store: Option<StoreKind>,
 }
 
+impl Settings {
+    /// The `shimlets.k8s` section: the cluster settings the Kubernetes store shares with the
+    /// k8s shimlet (kubeconfig, context, namespace).
+    ///
+    /// # Errors
+    /// A section that does not parse.
+    pub fn k8s_config(&self) -> anyhow::Result<shim_shimlet_k8s::K8sConfig> {
+        let section = self
+            .shimlets
+            .get("k8s")
+            .cloned()
+            .unwrap_or_else(|| serde_json::json!({}));
+        serde_json::from_value(section)
+            .map_err(|e| anyhow::anyhow!("invalid shimlets.k8s section: {e}"))
+    }
+}
+
 impl EngineSection {
     /// The store to use: `engine.store`, else the default for where the shim runs.
     pub fn store_kind(&self, shimlet: &str) -> StoreKind {

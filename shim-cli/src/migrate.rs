@@ -62,14 +62,7 @@ pub async fn run(args: MigrateArgs) -> anyhow::Result<()> {
     let source = RedbStore::open(&path, config.event_history)
         .with_context(|| format!("cannot open {} (stop the shim first)", path.display()))?;
     let records = source.load_live().await?;
-    let k8s: shim_shimlet_k8s::K8sConfig = serde_json::from_value(
-        settings
-            .shimlets
-            .get("k8s")
-            .cloned()
-            .unwrap_or_else(|| serde_json::json!({})),
-    )
-    .context("invalid shimlets.k8s section")?;
+    let k8s = settings.k8s_config()?;
     let target = shim_shimlet_k8s::store::KubeStore::connect(&k8s, config.event_history)
         .await
         .context("cannot open the Kubernetes store")?;

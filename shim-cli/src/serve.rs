@@ -31,14 +31,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         }
         StoreKind::Kubernetes => {
             // The same cluster settings as the k8s shimlet (kubeconfig, context, namespace).
-            let k8s: shim_shimlet_k8s::K8sConfig = serde_json::from_value(
-                settings
-                    .shimlets
-                    .get("k8s")
-                    .cloned()
-                    .unwrap_or_else(|| serde_json::json!({})),
-            )
-            .context("invalid shimlets.k8s section")?;
+            let k8s = settings.k8s_config()?;
             let store = shim_shimlet_k8s::store::KubeStore::connect(&k8s, config.event_history)
                 .await
                 .context("cannot open the Kubernetes store (engine.store: kubernetes)")?;

@@ -395,49 +395,10 @@ impl KubeStore {
         });
         let client = self.inner.api.clone().into_client();
         let selector = ListParams::default().labels(&crate::names::service_selector(id));
-        let failed = |action: &'static str| {
-            let id = id.to_string();
-            move |source| {
-                store_err(KubeStoreError::Api {
-                    action,
-                    name: id,
-                    source,
-                })
-            }
-        };
-        let mut patched = 0;
         let deployments: Api<Deployment> = Api::namespaced(client.clone(), &self.inner.namespace);
-        for object in deployments
-            .list(&selector)
-            .await
-            .map_err(failed("list the Deployments of"))?
-        {
-            deployments
-                .patch(
-                    &object.name_any(),
-                    &PatchParams::default(),
-                    &Patch::Merge(&patch),
-                )
-                .await
-                .map_err(failed("set the owner of the Deployment of"))?;
-            patched += 1;
-        }
         let services: Api<Service> = Api::namespaced(client, &self.inner.namespace);
-        for object in services
-            .list(&selector)
-            .await
-            .map_err(failed("list the Services of"))?
-        {
-            services
-                .patch(
-                    &object.name_any(),
-                    &PatchParams::default(),
-                    &Patch::Merge(&patch),
-                )
-                .await
-                .map_err(failed("set the owner of the Service of"))?;
-            patched += 1;
-        }
+        let patched = set_owner(&deployments, &selector, &patch, id).await?
+            + set_owner(&services, &selector, &patch, id).await?;
         Ok(patched)
     }
 
@@ -463,6 +424,41 @@ impl KubeStore {
             }
         }
     }
+}
+
+/// Merge-patches `patch` (the ownerReference) onto each object of `api` that `selector` finds.
+async fn set_owner<K>(
+    api: &Api<K>,
+    selector: &ListParams,
+    patch: &serde_json::Value,
+    id: &str,
+) -> Result<usize, shim_core::Error>
+where
+    K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+{
+    let failed = |action: &'static str| {
+        move |source| {
+            store_err(KubeStoreError::Api {
+                action,
+                name: id.to_string(),
+                source,
+            })
+        }
+    };
+    let objects = api
+        .list(selector)
+        .await
+        .map_err(failed("list the workload objects of"))?;
+    for object in &objects {
+        api.patch(
+            &object.name_any(),
+            &PatchParams::default(),
+            &Patch::Merge(patch),
+        )
+        .await
+        .map_err(failed("set the owner of a workload object of"))?;
+    }
+    Ok(objects.items.len())
 }
 
 /// The stores of this process by API server and namespace, for [`owner_uid`].

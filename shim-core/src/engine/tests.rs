@@ -98,11 +98,21 @@ fn config() -> EngineConfig {
 }
 
 async fn engine_with(store: Arc<dyn Store>) -> (Engine, Arc<InstantShimlet>) {
+    engine_on(store, None).await
+}
+
+/// An engine on `store`, leading while `leading` reads true (always without one).
+async fn engine_on(
+    store: Arc<dyn Store>,
+    leading: Option<tokio::sync::watch::Receiver<bool>>,
+) -> (Engine, Arc<InstantShimlet>) {
     let slot = Arc::new(Mutex::new(None));
     let keep = slot.clone();
-    let engine = Engine::builder()
-        .config(config())
-        .store(store)
+    let mut builder = Engine::builder().config(config()).store(store);
+    if let Some(leading) = leading {
+        builder = builder.leadership(leading);
+    }
+    let engine = builder
         .shimlet_instance(move |ctx| {
             let shimlet = Arc::new(InstantShimlet::with_notifier(ctx.notifier));
             *keep.lock().unwrap() = Some(shimlet.clone());
@@ -682,35 +692,11 @@ async fn an_update_or_delete_the_store_cannot_persist_changes_nothing() {
     assert_eq!(shimlet.list().await.unwrap().len(), 1);
 }
 
-/// An engine sharing `store`, leading while `leading` reads true.
-async fn engine_led_by(
-    store: Arc<dyn Store>,
-    leading: tokio::sync::watch::Receiver<bool>,
-) -> (Engine, Arc<InstantShimlet>) {
-    let slot = Arc::new(Mutex::new(None));
-    let keep = slot.clone();
-    let engine = Engine::builder()
-        .config(config())
-        .store(store)
-        .leadership(leading)
-        .shimlet_instance(move |ctx| {
-            let shimlet = Arc::new(InstantShimlet::with_notifier(ctx.notifier));
-            *keep.lock().unwrap() = Some(shimlet.clone());
-            shimlet
-        })
-        .pipeline(test_pipeline())
-        .build()
-        .await
-        .unwrap();
-    let shimlet = slot.lock().unwrap().clone().unwrap();
-    (engine, shimlet)
-}
-
 #[tokio::test]
 async fn a_follower_accepts_requests_runs_nothing_and_takes_over_when_it_leads() {
     let store: Arc<dyn Store> = Arc::new(MemoryStore::default());
     let (lead, leading) = tokio::sync::watch::channel(false);
-    let (follower, shimlet) = engine_led_by(store.clone(), leading).await;
+    let (follower, shimlet) = engine_on(store.clone(), Some(leading)).await;
     assert!(!follower.is_leader());
 
     let id = follower.deploy(DeploySpec::named("m")).await.unwrap();
@@ -733,9 +719,9 @@ async fn a_follower_accepts_requests_runs_nothing_and_takes_over_when_it_leads()
 async fn the_leader_takes_new_requests_of_others_and_followers_take_the_leaders_progress() {
     let store: Arc<dyn Store> = Arc::new(MemoryStore::default());
     let (_lead, leading) = tokio::sync::watch::channel(true);
-    let (leader, leader_runtime) = engine_led_by(store.clone(), leading).await;
+    let (leader, leader_runtime) = engine_on(store.clone(), Some(leading)).await;
     let (_follow, following) = tokio::sync::watch::channel(false);
-    let (follower, _) = engine_led_by(store.clone(), following).await;
+    let (follower, _) = engine_on(store.clone(), Some(following)).await;
     let mut follower_events = follower.subscribe();
 
     // A request the follower accepted reaches the leader (through the store's watch, in a
