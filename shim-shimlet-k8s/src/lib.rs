@@ -63,7 +63,9 @@ use futures::future::BoxFuture;
 use shim_core::{Shimlet, ShimletContext, ShimletEntry, ShimletError};
 
 pub use client::{check_access, connect};
-pub use config::{EndpointMode, K8sConfig, ModelVolumeConfig, PullPolicy, ServiceType};
+pub use config::{
+    EndpointMode, K8sConfig, ModelVolumeConfig, PullPolicy, ReplicaAddresses, ServiceType,
+};
 pub use names::{
     ANNOTATION_GENERATION, ANNOTATION_MODEL, CONTAINER_NAME, FIELD_MANAGER, LABEL_MANAGED_BY,
     LABEL_SERVICE_ID, MANAGED_BY_VALUE, MANAGED_SELECTOR, MAX_OBJECT_NAME, PORT_NAME, object_name,

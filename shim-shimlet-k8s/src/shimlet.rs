@@ -127,18 +127,21 @@ impl K8sShimlet {
             .unwrap_or_else(|| client.default_namespace().to_string());
         let timeout = Duration::from_secs(config.timeout_secs);
         check_access(&client, &namespace, &origin, timeout).await?;
+        let replicas = config.effective_replica_addresses();
         let view = Arc::new(View::new(
             EndpointResolver::new(&config, &namespace),
+            replicas,
             notifier,
         ));
         let deployments = Api::namespaced(client.clone(), &namespace);
         let services = Api::namespaced(client.clone(), &namespace);
-        let pods = Api::namespaced(client, &namespace);
+        let pods = Api::namespaced(client.clone(), &namespace);
         let watches = spawn_watches(
             &view,
             Api::clone(&deployments),
             Api::clone(&services),
             Api::clone(&pods),
+            Api::namespaced(client, &namespace),
         );
         let shimlet = Self {
             inner: Arc::new(Inner {
@@ -169,6 +172,7 @@ impl K8sShimlet {
             cluster = %inner.origin,
             namespace = %inner.namespace,
             services = inner.view.len(),
+            replica_addresses = ?replicas,
             "Kubernetes shimlet connected"
         );
         Ok(shimlet)

@@ -24,7 +24,7 @@ use http_body_util::{BodyExt as _, Full, StreamBody};
 use serde_json::{Value, json};
 use shim_core::queue::WorkQueue;
 use shim_core::{ModelVolume, Notifier, WorkloadSpec};
-use shim_shimlet_k8s::{K8sConfig, K8sShimlet};
+use shim_shimlet_k8s::{K8sConfig, K8sShimlet, ReplicaAddresses};
 use tokio::sync::mpsc;
 
 /// Response body of the fake: whole, or a stream for watches.
@@ -754,11 +754,13 @@ pub async fn start(
     (shimlet, cluster, queue)
 }
 
-/// The configuration the tests use: the fake's namespace, defaults otherwise.
+/// The configuration the tests use: the fake's namespace and the Service address (the fake
+/// serves no EndpointSlices; unset, a test run inside a pod would want them), defaults otherwise.
 pub fn config() -> K8sConfig {
     K8sConfig {
         namespace: Some(NAMESPACE.into()),
         timeout_secs: 5,
+        replica_addresses: Some(ReplicaAddresses::Service),
         ..K8sConfig::default()
     }
 }
