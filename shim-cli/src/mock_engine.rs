@@ -5,6 +5,10 @@
 //! slow start-up (the port opens only after "weights load"), start-up failure, a crash
 //! mid-service, `/health`, `/v1/models`, and plain or streamed (SSE) chat and text
 //! completions with OpenAI-shaped success and error bodies.
+//!
+//! Every answer names the replica that gave it: `x-mock-engine-host` (the machine's or
+//! container's hostname) and `x-mock-engine-listen` (the address it listens on), so tests of a
+//! gateway in front of several replicas can tell which one answered.
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -15,7 +19,7 @@ use anyhow::Context as _;
 use axum::Router;
 use axum::body::{Body, Bytes};
 use axum::extract::{Request, State};
-use axum::http::{StatusCode, header};
+use axum::http::{HeaderValue, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -50,6 +54,12 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 
 /// Exit code used by `--crash-after`.
 const CRASH_EXIT_CODE: i32 = 3;
+
+/// Response header: the hostname of the machine (or container) the replica runs on.
+pub const HOST_HEADER: &str = "x-mock-engine-host";
+
+/// Response header: the address the replica listens on (`ip:port`).
+pub const LISTEN_HEADER: &str = "x-mock-engine-listen";
 
 /// Flags of `model-serve-shim mock-engine`.
 #[derive(Debug, Clone, clap::Args)]
@@ -97,11 +107,28 @@ struct Inner {
     crash: Notify,
     /// Reported as `created` in `/v1/models`: the time the engine "loaded" the model.
     created: u64,
+    /// `x-mock-engine-host` and `x-mock-engine-listen`, once the server is bound.
+    identity: Option<(HeaderValue, HeaderValue)>,
 }
 
 impl MockState {
-    /// Builds the router state from the command-line flags.
+    /// Builds the router state from the command-line flags, for a server that does not name
+    /// itself (in-process tests).
+    #[cfg(test)]
     pub fn new(args: &MockEngineArgs) -> Self {
+        Self::with_identity(args, None)
+    }
+
+    /// The state of a server on `hostname` listening on `listen`: every response then names
+    /// this replica ([`HOST_HEADER`], [`LISTEN_HEADER`]).
+    pub fn identified(args: &MockEngineArgs, hostname: &str, listen: std::net::SocketAddr) -> Self {
+        let value = |text: &str| {
+            HeaderValue::from_str(text).unwrap_or_else(|_| HeaderValue::from_static("unknown"))
+        };
+        Self::with_identity(args, Some((value(hostname), value(&listen.to_string()))))
+    }
+
+    fn with_identity(args: &MockEngineArgs, identity: Option<(HeaderValue, HeaderValue)>) -> Self {
         Self {
             inner: Arc::new(Inner {
                 served_model_name: args.served_model_name.clone(),
@@ -110,6 +137,7 @@ impl MockState {
                 v1_requests: AtomicU64::new(0),
                 crash: Notify::new(),
                 created: unix_now(),
+                identity,
             }),
         }
     }
@@ -142,7 +170,31 @@ pub fn router(state: MockState) -> Router {
         .route("/health", get(|| async { StatusCode::OK }))
         .merge(v1)
         .fallback(not_found)
+        .layer(middleware::map_response_with_state(
+            state.clone(),
+            name_the_replica,
+        ))
         .with_state(state)
+}
+
+/// Adds [`HOST_HEADER`] and [`LISTEN_HEADER`] to every response of an identified server.
+async fn name_the_replica(State(state): State<MockState>, mut response: Response) -> Response {
+    if let Some((host, listen)) = &state.inner.identity {
+        let headers = response.headers_mut();
+        headers.insert(HOST_HEADER, host.clone());
+        headers.insert(LISTEN_HEADER, listen.clone());
+    }
+    response
+}
+
+/// The hostname of this machine, or of the container it runs in.
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .map(|h| h.trim().to_owned())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "unknown".to_owned())
 }
 
 /// Runs the mock engine until SIGTERM/SIGINT (returns `Ok`) or a simulated failure
@@ -189,7 +241,7 @@ pub async fn run(args: MockEngineArgs) -> anyhow::Result<()> {
         .context("failed to read bound address")?;
     println!("{REPLY_PREFIX} listening on {addr}");
 
-    let state = MockState::new(&args);
+    let state = MockState::identified(&args, &hostname(), addr);
     let stop = Arc::new(Notify::new());
     let server = axum::serve(listener, router(state.clone()))
         .with_graceful_shutdown({
@@ -733,6 +785,33 @@ mod tests {
                     .to_owned()
             })
             .collect()
+    }
+
+    #[tokio::test]
+    async fn an_identified_server_names_its_replica_on_every_answer() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let app = router(MockState::identified(&args(), "replica-a", addr));
+        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+        let base = format!("http://{addr}");
+        for stream in [false, true] {
+            let resp = post(
+                &format!("{base}/v1/chat/completions"),
+                json!({"model": "mock", "stream": stream, "messages": [{"role": "user", "content": "hi"}]}),
+            )
+            .await;
+            assert_eq!(resp.status(), 200);
+            assert_eq!(resp.headers()[HOST_HEADER], "replica-a");
+            assert_eq!(resp.headers()[LISTEN_HEADER], addr.to_string().as_str());
+        }
+        let missing = reqwest::get(format!("{base}/nope")).await.unwrap();
+        assert_eq!(missing.status(), 404);
+        assert_eq!(missing.headers()[HOST_HEADER], "replica-a");
+        // Without an identity (in-process tests), no header.
+        let (plain, _) = serve(args()).await;
+        let resp = reqwest::get(format!("{plain}/health")).await.unwrap();
+        assert!(resp.headers().get(HOST_HEADER).is_none());
+        assert!(!hostname().is_empty());
     }
 
     #[tokio::test]

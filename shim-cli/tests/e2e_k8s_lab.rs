@@ -33,7 +33,10 @@ fn write_config(dir: &Path, kubeconfig: &Path) -> std::path::PathBuf {
         "plugins": {"defaultShimlet": "k8s"},
         "engine": {"maxRestarts": MAX_RESTARTS},
         "pipelines": {"opensourcellm": {"checkModelDir": false}},
-        "shimlets": {"k8s": {"kubeConfig": kubeconfig, "namespace": NAMESPACE}},
+        // The Service address, as outside a cluster, wherever the test runs (in a pod, pods
+        // would be the default).
+        "shimlets": {"k8s": {"kubeConfig": kubeconfig, "namespace": NAMESPACE,
+                             "replicaAddresses": "service"}},
         "engines": {
             "failpull": failing("fail-pull:1"),
             "failcrash": failing("fail-crash:1"),
@@ -48,10 +51,7 @@ fn write_config(dir: &Path, kubeconfig: &Path) -> std::path::PathBuf {
 /// A lab with `deploy/rbac.yaml` applied in `NAMESPACE`, and a kubeconfig for that identity.
 fn lab_with_shipped_rbac() -> (Lab, std::path::PathBuf) {
     let lab = Lab::up();
-    lab.namespace(NAMESPACE);
-    let rbac = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/rbac.yaml");
-    lab.apply_file(NAMESPACE, &rbac);
-    let kubeconfig = lab.service_account_kubeconfig(NAMESPACE, "xmod-shim");
+    let kubeconfig = lab.with_shipped_rbac(NAMESPACE);
     (lab, kubeconfig)
 }
 
@@ -295,6 +295,10 @@ const NOT_SEEN_IN_THIS_TEST: &[&str] = &[
     "leases:get",
     "leases:create",
     "leases:update",
+    // `replicaAddresses: pods` (the default when the shim runs in a pod); this test uses the
+    // Service address. tests/e2e_k8s_gateway.rs checks both used.
+    "endpointslices:list",
+    "endpointslices:watch",
 ];
 
 /// `resource:verb` for every rule of the Role and the ClusterRole in `deploy/rbac.yaml`.

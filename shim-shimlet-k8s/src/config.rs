@@ -25,6 +25,7 @@ use crate::names::is_dns_label;
 ///     externalBaseUrl: https://llm.example.com/{serviceId}
 ///     clusterDomain: cluster.local
 ///     nodeAddress: 10.0.0.5              # host in nodePort endpoints (default: the pod's node IP)
+///     replicaAddresses: pods             # pods | service (default: pods in a cluster, else service)
 ///     modelVolume:
 ///       hostRoot: /data/models           # node directory that mirrors engine.modelRoot
 ///       hostPathType: Directory
@@ -84,6 +85,11 @@ pub struct K8sConfig {
     /// Host put in `nodePort` endpoints; unset uses the node IP of a ready pod.
     #[serde(alias = "nodeaddress")]
     pub node_address: Option<String>,
+    /// What the gateway balances over: every ready pod, or the one Service address. Unset:
+    /// `pods` when the shim runs in a pod (`KUBERNETES_SERVICE_HOST` is set), where pod
+    /// addresses are reachable, else `service`. See [`ReplicaAddresses`].
+    #[serde(alias = "replicaaddresses")]
+    pub replica_addresses: Option<ReplicaAddresses>,
     /// Where the model files come from.
     #[serde(alias = "modelvolume")]
     pub model_volume: ModelVolumeConfig,
@@ -134,6 +140,7 @@ impl Default for K8sConfig {
             external_base_url: None,
             cluster_domain: "cluster.local".into(),
             node_address: None,
+            replica_addresses: None,
             model_volume: ModelVolumeConfig::default(),
             node_selector: BTreeMap::new(),
             tolerations: Vec::new(),
@@ -184,6 +191,21 @@ pub enum EndpointMode {
     LoadBalancer,
     /// `externalBaseUrl` with its placeholders filled in.
     External,
+}
+
+/// Which addresses of a ready workload the gateway balances over
+/// (`WorkloadObservation::replica_addresses`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum ReplicaAddresses {
+    /// `http://<pod IP>:<container port>` of every ready pod, from the Service's EndpointSlices
+    /// (watched: `list` and `watch` on `endpointslices` in `discovery.k8s.io`). The gateway
+    /// balances over the pods itself and knows which one it sends a request to; pod IPs must be
+    /// reachable from the shim, as they are inside the cluster.
+    Pods,
+    /// The Service address (the endpoint URL): one replica as far as the gateway knows, and
+    /// the cluster's Service balances between pods. For a shim outside the cluster.
+    Service,
 }
 
 /// Image pull policies.
@@ -256,6 +278,24 @@ impl K8sConfig {
             ServiceType::ClusterIp => EndpointMode::ClusterDns,
             ServiceType::NodePort => EndpointMode::NodePort,
             ServiceType::LoadBalancer => EndpointMode::LoadBalancer,
+        }
+    }
+
+    /// The replica addresses in force: explicit, else `pods` when the shim runs in a pod
+    /// (`KUBERNETES_SERVICE_HOST` is set, as the kubelet does in every pod), else `service`.
+    ///
+    /// # Caveats
+    /// A shim in a pod that manages *another* cluster (through a kubeconfig) cannot reach that
+    /// cluster's pod addresses: set `replicaAddresses: service` there.
+    pub fn effective_replica_addresses(&self) -> ReplicaAddresses {
+        self.replica_addresses_when(std::env::var_os("KUBERNETES_SERVICE_HOST").is_some())
+    }
+
+    fn replica_addresses_when(&self, in_cluster: bool) -> ReplicaAddresses {
+        match self.replica_addresses {
+            Some(mode) => mode,
+            None if in_cluster => ReplicaAddresses::Pods,
+            None => ReplicaAddresses::Service,
         }
     }
 
@@ -446,6 +486,31 @@ mod tests {
         assert_eq!(cfg.model_volume.sub_path.as_deref(), Some("llm/{model}"));
         assert_eq!(cfg.image_pull_policy, Some(PullPolicy::IfNotPresent));
         cfg.validate().unwrap();
+    }
+
+    #[test]
+    fn replica_addresses_default_to_pods_only_inside_a_cluster() {
+        let unset = K8sConfig::default();
+        assert_eq!(unset.replica_addresses_when(true), ReplicaAddresses::Pods);
+        assert_eq!(
+            unset.replica_addresses_when(false),
+            ReplicaAddresses::Service
+        );
+        for (text, mode) in [
+            ("pods", ReplicaAddresses::Pods),
+            ("service", ReplicaAddresses::Service),
+        ] {
+            let cfg: K8sConfig =
+                serde_json::from_value(serde_json::json!({"replicaAddresses": text})).unwrap();
+            assert_eq!(cfg.replica_addresses_when(true), mode);
+            assert_eq!(cfg.replica_addresses_when(false), mode);
+            let lower: K8sConfig =
+                serde_json::from_value(serde_json::json!({"replicaaddresses": text})).unwrap();
+            assert_eq!(lower, cfg);
+        }
+        let bad =
+            serde_json::from_value::<K8sConfig>(serde_json::json!({"replicaAddresses": "nodes"}));
+        assert!(bad.unwrap_err().to_string().contains("pods"));
     }
 
     #[test]

@@ -25,8 +25,8 @@
 //! Deployments (and stray Services) by label, for re-adoption and orphan reports.
 //!
 //! # How status is known
-//! Three kube-runtime watchers (Deployments, Services, Pods, filtered by the managed-by label)
-//! feed an in-memory view indexed by service id; each change tells the engine through its
+//! kube-runtime watchers (Deployments, Services, Pods, and with `replicaAddresses: pods` the
+//! EndpointSlices, all filtered by the managed-by label; Nodes for their GPUs) feed an in-memory view indexed by service id; each change tells the engine through its
 //! [`Notifier`](shim_core::Notifier). [`Shimlet::observe`] reads the view only: a status read
 //! never calls the API server. The phase comes from the Deployment's rollout state and the pods'
 //! own words ([`status`] has the rules): image pull errors, crash loops with the last exit (an
@@ -73,7 +73,9 @@ use futures::future::BoxFuture;
 use shim_core::{Shimlet, ShimletContext, ShimletEntry, ShimletError};
 
 pub use client::{check_access, connect};
-pub use config::{EndpointMode, K8sConfig, ModelVolumeConfig, PullPolicy, ServiceType};
+pub use config::{
+    EndpointMode, K8sConfig, ModelVolumeConfig, PullPolicy, ReplicaAddresses, ServiceType,
+};
 pub use names::{
     ANNOTATION_GENERATION, ANNOTATION_MODEL, CONTAINER_NAME, FIELD_MANAGER, LABEL_MANAGED_BY,
     LABEL_SERVICE_ID, MANAGED_BY_VALUE, MANAGED_SELECTOR, MAX_OBJECT_NAME, PORT_NAME, object_name,

@@ -132,8 +132,10 @@ impl K8sShimlet {
             .unwrap_or_else(|| client.default_namespace().to_string());
         let timeout = Duration::from_secs(config.timeout_secs);
         check_access(&client, &namespace, &origin, timeout).await?;
+        let replicas = config.effective_replica_addresses();
         let view = Arc::new(View::new(
             EndpointResolver::new(&config, &namespace),
+            replicas,
             notifier,
         ));
         let deployments = Api::namespaced(client.clone(), &namespace);
@@ -144,6 +146,7 @@ impl K8sShimlet {
             Api::clone(&deployments),
             Api::clone(&services),
             Api::clone(&pods),
+            Api::namespaced(client.clone(), &namespace),
         );
         let nodes = config.watch_nodes.then(|| {
             let nodes = Arc::new(Nodes::new(config.accelerator_resource.clone()));
@@ -185,6 +188,7 @@ impl K8sShimlet {
             cluster = %inner.origin,
             namespace = %inner.namespace,
             services = inner.view.len(),
+            replica_addresses = ?replicas,
             "Kubernetes shimlet connected"
         );
         Ok(shimlet)

@@ -2,6 +2,11 @@
 //! Deployments, Services and Pods (label `app.kubernetes.io/managed-by=xmod-shim`) feed it, indexed
 //! by service id, and every change tells the engine through its [`Notifier`].
 //!
+//! With `replicaAddresses: pods` a fourth watcher follows the managed Services' EndpointSlices
+//! (the EndpointSlice controller copies a Service's labels onto its slices), of which the view
+//! keeps only the base URL of each ready endpoint: those are the replica addresses `observe`
+//! reports, so the gateway balances over the pods themselves.
+//!
 //! Relists (at start, and after a watch broke for longer than the server keeps history) follow
 //! kube-runtime's protocol: objects arrive between `Init` and `InitDone` and replace that kind's
 //! objects in one step, so a read never sees a half-listed cluster.
@@ -15,15 +20,17 @@ use std::time::Duration;
 use futures::StreamExt as _;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{Pod, Service};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::Resource;
 use kube::api::Api;
 use kube::runtime::watcher::{self, Event};
 use kube::runtime::{WatchStreamExt as _, watcher as watch_stream};
 use serde::de::DeserializeOwned;
-use shim_core::{Notifier, WorkloadObservation};
+use shim_core::{Notifier, WorkloadObservation, WorkloadState};
 use tokio::task::AbortHandle;
 
-use crate::names::{ANNOTATION_GENERATION, MANAGED_SELECTOR, service_id_of};
+use crate::config::ReplicaAddresses;
+use crate::names::{ANNOTATION_GENERATION, MANAGED_SELECTOR, PORT_NAME, service_id_of};
 use crate::status::{self, ApplyMark, EndpointResolver, ServiceObjects};
 
 /// The kinds watched.
@@ -32,10 +39,16 @@ pub(crate) enum Kind {
     Deployment = 0,
     Service = 1,
     Pod = 2,
+    EndpointSlice = 3,
 }
 
 impl Kind {
-    const ALL_SYNCED: u8 = 0b111;
+    const ALL: [Kind; 4] = [
+        Kind::Deployment,
+        Kind::Service,
+        Kind::Pod,
+        Kind::EndpointSlice,
+    ];
 
     fn bit(self) -> u8 {
         1 << (self as u8)
@@ -46,62 +59,166 @@ impl Kind {
             Self::Deployment => "deployments",
             Self::Service => "services",
             Self::Pod => "pods",
+            Self::EndpointSlice => "endpointslices",
         }
     }
 }
 
-/// A watched kind: where its objects live in a service's entry and in the relist buffer.
+/// A watched kind: what the view keeps of one object, and where, in a service's entry and in
+/// the relist buffer.
 pub(crate) trait Tracked:
     Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug + Send + Sync + 'static
 {
     const KIND: Kind;
-    fn slot(objects: &mut ServiceObjects) -> &mut BTreeMap<String, Arc<Self>>;
-    fn buffer(buffers: &mut Buffers) -> &mut Option<Vec<Arc<Self>>>;
+    /// What the view keeps of one object.
+    type Kept: Debug + Send + Sync;
+    fn keep(self) -> Self::Kept;
+    fn slot(entry: &mut Entry) -> &mut BTreeMap<String, Self::Kept>;
+    fn buffer(buffers: &mut Buffers) -> &mut Option<Vec<Self>>;
 }
 
 impl Tracked for Deployment {
     const KIND: Kind = Kind::Deployment;
-    fn slot(objects: &mut ServiceObjects) -> &mut BTreeMap<String, Arc<Self>> {
-        &mut objects.deployments
+    type Kept = Arc<Self>;
+    fn keep(self) -> Arc<Self> {
+        Arc::new(self)
     }
-    fn buffer(buffers: &mut Buffers) -> &mut Option<Vec<Arc<Self>>> {
+    fn slot(entry: &mut Entry) -> &mut BTreeMap<String, Arc<Self>> {
+        &mut entry.objects.deployments
+    }
+    fn buffer(buffers: &mut Buffers) -> &mut Option<Vec<Self>> {
         &mut buffers.deployments
     }
 }
 
 impl Tracked for Service {
     const KIND: Kind = Kind::Service;
-    fn slot(objects: &mut ServiceObjects) -> &mut BTreeMap<String, Arc<Self>> {
-        &mut objects.services
+    type Kept = Arc<Self>;
+    fn keep(self) -> Arc<Self> {
+        Arc::new(self)
     }
-    fn buffer(buffers: &mut Buffers) -> &mut Option<Vec<Arc<Self>>> {
+    fn slot(entry: &mut Entry) -> &mut BTreeMap<String, Arc<Self>> {
+        &mut entry.objects.services
+    }
+    fn buffer(buffers: &mut Buffers) -> &mut Option<Vec<Self>> {
         &mut buffers.services
     }
 }
 
 impl Tracked for Pod {
     const KIND: Kind = Kind::Pod;
-    fn slot(objects: &mut ServiceObjects) -> &mut BTreeMap<String, Arc<Self>> {
-        &mut objects.pods
+    type Kept = Arc<Self>;
+    fn keep(self) -> Arc<Self> {
+        Arc::new(self)
     }
-    fn buffer(buffers: &mut Buffers) -> &mut Option<Vec<Arc<Self>>> {
+    fn slot(entry: &mut Entry) -> &mut BTreeMap<String, Arc<Self>> {
+        &mut entry.objects.pods
+    }
+    fn buffer(buffers: &mut Buffers) -> &mut Option<Vec<Self>> {
         &mut buffers.pods
+    }
+}
+
+impl Tracked for EndpointSlice {
+    const KIND: Kind = Kind::EndpointSlice;
+    type Kept = SliceAddresses;
+    fn keep(self) -> SliceAddresses {
+        SliceAddresses::of(&self)
+    }
+    fn slot(entry: &mut Entry) -> &mut BTreeMap<String, SliceAddresses> {
+        &mut entry.slices
+    }
+    fn buffer(buffers: &mut Buffers) -> &mut Option<Vec<Self>> {
+        &mut buffers.slices
     }
 }
 
 /// Objects of a relist in progress, per kind.
 #[derive(Default)]
 pub(crate) struct Buffers {
-    deployments: Option<Vec<Arc<Deployment>>>,
-    services: Option<Vec<Arc<Service>>>,
-    pods: Option<Vec<Arc<Pod>>>,
+    deployments: Option<Vec<Deployment>>,
+    services: Option<Vec<Service>>,
+    pods: Option<Vec<Pod>>,
+    slices: Option<Vec<EndpointSlice>>,
+}
+
+/// All the view keeps of an EndpointSlice: its Service and its ready endpoints' base URLs.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub(crate) struct SliceAddresses {
+    /// The Service the slice belongs to (label `kubernetes.io/service-name`).
+    service: String,
+    /// `http://<address>:<port>` of every ready endpoint.
+    ready: Vec<String>,
+}
+
+impl SliceAddresses {
+    /// The label the EndpointSlice controller puts on every slice it makes for a Service.
+    const SERVICE_NAME_LABEL: &'static str = "kubernetes.io/service-name";
+
+    fn of(slice: &EndpointSlice) -> Self {
+        let service = slice
+            .metadata
+            .labels
+            .as_ref()
+            .and_then(|l| l.get(Self::SERVICE_NAME_LABEL))
+            .cloned()
+            .unwrap_or_default();
+        let ports = slice.ports.as_deref().unwrap_or_default();
+        // The engine's port is the one named `http`; a Service with one unnamed port has it first.
+        let port = ports
+            .iter()
+            .find(|p| p.name.as_deref() == Some(PORT_NAME))
+            .or_else(|| ports.first())
+            .and_then(|p| p.port);
+        let ipv6 = slice.address_type == "IPv6";
+        let ready = match port {
+            None => Vec::new(),
+            Some(port) => slice
+                .endpoints
+                .iter()
+                // The API: an unset `ready` is to be read as ready.
+                .filter(|e| e.conditions.as_ref().and_then(|c| c.ready) != Some(false))
+                // Consumers use the first address; the others are the same pod's.
+                .filter_map(|e| e.addresses.first())
+                .map(|address| {
+                    if ipv6 {
+                        format!("http://[{address}]:{port}")
+                    } else {
+                        format!("http://{address}:{port}")
+                    }
+                })
+                .collect(),
+        };
+        Self { service, ready }
+    }
 }
 
 /// One service: its objects and what this shimlet last applied.
 #[derive(Debug, Default)]
-struct Entry {
+pub(crate) struct Entry {
     objects: ServiceObjects,
+    /// Its EndpointSlices, by name (`replicaAddresses: pods` only).
+    slices: BTreeMap<String, SliceAddresses>,
     mark: Option<ApplyMark>,
+}
+
+impl Entry {
+    fn is_empty(&self) -> bool {
+        self.objects.is_empty() && self.slices.is_empty()
+    }
+
+    /// The ready pods' base URLs behind the Service of the live Deployment, sorted, each once
+    /// (an endpoint may show in two slices while the controller moves it).
+    fn pod_addresses(&self) -> Option<Vec<String>> {
+        let name = self.objects.deployment()?.metadata.name.as_deref()?;
+        let addresses: BTreeSet<&String> = self
+            .slices
+            .values()
+            .filter(|s| s.service == name)
+            .flat_map(|s| &s.ready)
+            .collect();
+        Some(addresses.into_iter().cloned().collect())
+    }
 }
 
 #[derive(Default)]
@@ -114,9 +231,12 @@ struct State {
 pub(crate) struct View {
     state: RwLock<State>,
     endpoints: EndpointResolver,
+    replicas: ReplicaAddresses,
+    /// The kinds watched, as bits of [`Kind::bit`].
+    watched: u8,
     synced: tokio::sync::watch::Sender<u8>,
     /// The last error of each watch, for start-up messages.
-    errors: Mutex<[Option<String>; 3]>,
+    errors: Mutex<[Option<String>; 4]>,
     /// Told of every service whose objects changed.
     notifier: RwLock<Notifier>,
     /// `engine.maxRestarts`: restarts of a crashing container before its service fails.
@@ -124,10 +244,22 @@ pub(crate) struct View {
 }
 
 impl View {
-    pub(crate) fn new(endpoints: EndpointResolver, notifier: Notifier) -> Self {
+    /// A view of Deployments, Services and Pods, and with `replicas` [`ReplicaAddresses::Pods`]
+    /// of EndpointSlices too.
+    pub(crate) fn new(
+        endpoints: EndpointResolver,
+        replicas: ReplicaAddresses,
+        notifier: Notifier,
+    ) -> Self {
+        let watched = Kind::ALL
+            .into_iter()
+            .filter(|k| *k != Kind::EndpointSlice || replicas == ReplicaAddresses::Pods)
+            .fold(0, |bits, k| bits | k.bit());
         Self {
             state: RwLock::default(),
             endpoints,
+            replicas,
+            watched,
             synced: tokio::sync::watch::channel(0).0,
             errors: Mutex::default(),
             notifier: RwLock::new(notifier),
@@ -164,16 +296,23 @@ impl View {
     /// What the view shows for a service: memory only, never the API server.
     pub(crate) fn observe(&self, service_id: &str) -> WorkloadObservation {
         let state = self.read();
-        match state.services.get(service_id) {
-            Some(entry) => status::observe(
-                &entry.objects,
-                entry.mark.as_ref(),
-                &self.endpoints,
-                service_id,
-                self.max_restarts.load(Ordering::Relaxed),
-            ),
-            None => WorkloadObservation::missing(),
+        let Some(entry) = state.services.get(service_id) else {
+            return WorkloadObservation::missing();
+        };
+        let mut seen = status::observe(
+            &entry.objects,
+            entry.mark.as_ref(),
+            &self.endpoints,
+            service_id,
+            self.max_restarts.load(Ordering::Relaxed),
+        );
+        if self.replicas == ReplicaAddresses::Pods && seen.state != WorkloadState::Missing {
+            // Every ready pod, also while others start or fail: the engine keeps those serving.
+            if let Some(pods) = entry.pod_addresses() {
+                seen.replica_addresses = pods;
+            }
         }
+        seen
     }
 
     /// Runs `f` on a service's objects (empty when unknown).
@@ -280,7 +419,7 @@ impl View {
         let mut state = self.write();
         if let Some(entry) = state.services.get_mut(service_id) {
             entry.mark = previous;
-            if entry.mark.is_none() && entry.objects.is_empty() {
+            if entry.mark.is_none() && entry.is_empty() {
                 state.services.remove(service_id);
             }
         }
@@ -291,7 +430,7 @@ impl View {
         let mut state = self.write();
         if let Some(entry) = state.services.get_mut(service_id) {
             entry.mark = None;
-            if entry.objects.is_empty() {
+            if entry.is_empty() {
                 state.services.remove(service_id);
             }
         }
@@ -306,12 +445,12 @@ impl View {
             Event::InitApply(object) => {
                 K::buffer(&mut state.buffers)
                     .get_or_insert_with(Vec::new)
-                    .push(Arc::new(trim(object)));
+                    .push(trim(object));
             }
             Event::InitDone => {
                 let listed = K::buffer(&mut state.buffers).take().unwrap_or_default();
                 for (id, entry) in &mut state.services {
-                    let slot = K::slot(&mut entry.objects);
+                    let slot = K::slot(entry);
                     if !slot.is_empty() {
                         slot.clear();
                         changed.insert(id.clone());
@@ -324,13 +463,13 @@ impl View {
                 }
                 state
                     .services
-                    .retain(|_, e| e.mark.is_some() || !e.objects.is_empty());
+                    .retain(|_, e| e.mark.is_some() || !e.is_empty());
                 drop(state);
                 self.synced.send_modify(|bits| *bits |= K::KIND.bit());
                 return changed;
             }
             Event::Apply(object) => {
-                if let Some(id) = insert(&mut state, Arc::new(trim(object))) {
+                if let Some(id) = insert(&mut state, trim(object)) {
                     changed.insert(id);
                 }
             }
@@ -339,8 +478,8 @@ impl View {
                 if let Some(id) = service_id_of(object.meta().labels.as_ref()) {
                     let id = id.to_string();
                     if let Some(entry) = state.services.get_mut(&id) {
-                        K::slot(&mut entry.objects).remove(&name);
-                        if entry.mark.is_none() && entry.objects.is_empty() {
+                        K::slot(entry).remove(&name);
+                        if entry.mark.is_none() && entry.is_empty() {
                             state.services.remove(&id);
                         }
                     }
@@ -359,8 +498,9 @@ impl View {
     /// Waits until every kind has been listed once; on timeout, says which have not and why.
     pub(crate) async fn wait_synced(&self, timeout: Duration) -> Result<(), String> {
         let mut synced = self.synced.subscribe();
+        let watched = self.watched;
         let done =
-            tokio::time::timeout(timeout, synced.wait_for(|bits| *bits == Kind::ALL_SYNCED)).await;
+            tokio::time::timeout(timeout, synced.wait_for(|bits| *bits & watched == watched)).await;
         if matches!(done, Ok(Ok(_))) {
             return Ok(());
         }
@@ -370,12 +510,17 @@ impl View {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .clone();
-        let missing: Vec<String> = [Kind::Deployment, Kind::Service, Kind::Pod]
+        let missing: Vec<String> = Kind::ALL
             .into_iter()
-            .filter(|k| bits & k.bit() == 0)
-            .map(|k| match &errors[k as usize] {
-                Some(error) => format!("{} ({error})", k.plural()),
-                None => k.plural().to_string(),
+            .filter(|k| watched & k.bit() != 0 && bits & k.bit() == 0)
+            .map(|k| match (&errors[k as usize], k) {
+                (Some(error), Kind::EndpointSlice) => format!(
+                    "{} ({error}; they give the pods' addresses: grant list and watch on them \
+                     as deploy/rbac.yaml does, or set shimlets.k8s.replicaAddresses: service)",
+                    k.plural()
+                ),
+                (Some(error), _) => format!("{} ({error})", k.plural()),
+                (None, _) => k.plural().to_string(),
             })
             .collect();
         Err(format!(
@@ -393,7 +538,7 @@ fn trim<K: Resource>(mut object: K) -> K {
 
 /// Puts an object in its service's entry; returns the service id, or `None` for an object
 /// without one.
-fn insert<K: Tracked>(state: &mut State, object: Arc<K>) -> Option<String> {
+fn insert<K: Tracked>(state: &mut State, object: K) -> Option<String> {
     let id = service_id_of(object.meta().labels.as_ref())?.to_string();
     let name = object.meta().name.clone().unwrap_or_default();
     let entry = state.services.entry(id.clone()).or_default();
@@ -416,22 +561,28 @@ fn insert<K: Tracked>(state: &mut State, object: Arc<K>) -> Option<String> {
             }
         }
     }
-    K::slot(&mut entry.objects).insert(name, object);
+    K::slot(entry).insert(name, object.keep());
     Some(id)
 }
 
-/// Starts the watches; the tasks stop when the view is dropped or the handles are aborted.
+/// Starts the watches (EndpointSlices' only when the view uses them); the tasks stop when the
+/// view is dropped or the handles are aborted.
 pub(crate) fn spawn_watches(
     view: &Arc<View>,
     deployments: Api<Deployment>,
     services: Api<Service>,
     pods: Api<Pod>,
+    slices: Api<EndpointSlice>,
 ) -> Vec<AbortHandle> {
-    vec![
+    let mut handles = vec![
         tokio::spawn(watch(deployments, Arc::downgrade(view))).abort_handle(),
         tokio::spawn(watch(services, Arc::downgrade(view))).abort_handle(),
         tokio::spawn(watch(pods, Arc::downgrade(view))).abort_handle(),
-    ]
+    ];
+    if view.watched & Kind::EndpointSlice.bit() != 0 {
+        handles.push(tokio::spawn(watch(slices, Arc::downgrade(view))).abort_handle());
+    }
+    handles
 }
 
 async fn watch<K: Tracked>(api: Api<K>, view: Weak<View>) {
@@ -528,6 +679,7 @@ mod tests {
     fn view() -> View {
         View::new(
             EndpointResolver::new(&K8sConfig::default(), "models"),
+            ReplicaAddresses::Service,
             Notifier::detached(),
         )
     }
@@ -667,6 +819,148 @@ mod tests {
         assert!(err.contains("services, pods (pods is forbidden)"), "{err}");
         v.apply_event(Event::<Service>::InitDone);
         v.apply_event(Event::<Pod>::InitDone);
+        v.wait_synced(Duration::from_millis(10)).await.unwrap();
+    }
+
+    fn pods_view() -> View {
+        View::new(
+            EndpointResolver::new(&K8sConfig::default(), "models"),
+            ReplicaAddresses::Pods,
+            Notifier::detached(),
+        )
+    }
+
+    /// A slice of Service `service` of service `id`, with (IP, ready) endpoints.
+    fn slice(
+        name: &str,
+        id: &str,
+        service: &str,
+        endpoints: &[(&str, Option<bool>)],
+    ) -> EndpointSlice {
+        let mut labels = labels(id);
+        labels["kubernetes.io/service-name"] = json!(service);
+        serde_json::from_value(json!({
+            "metadata": {"name": name, "labels": labels},
+            "addressType": "IPv4",
+            "ports": [{"name": "http", "port": 8000, "protocol": "TCP"}],
+            "endpoints": endpoints.iter().map(|(ip, ready)| match ready {
+                Some(ready) => json!({"addresses": [ip], "conditions": {"ready": ready}}),
+                None => json!({"addresses": [ip]}),
+            }).collect::<Vec<_>>(),
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn with_pod_addresses_every_ready_endpoint_of_the_live_service_is_a_replica() {
+        let v = pods_view();
+        v.apply_event(Event::Apply(deployment("a", 1)));
+        v.apply_event(Event::Apply(service("a")));
+        let seen = v.observe("a");
+        assert_eq!(seen.state, WorkloadState::Ready);
+        assert_eq!(
+            seen.address.as_deref(),
+            Some("http://xmod-a.models.svc.cluster.local:8000"),
+            "the endpoint stays the Service's"
+        );
+        assert!(seen.replica_addresses.is_empty(), "no slice yet");
+
+        let changed = v.apply_event(Event::Apply(slice(
+            "xmod-a-1",
+            "a",
+            "xmod-a",
+            &[
+                ("10.0.0.7", Some(true)),
+                ("10.0.0.5", None),
+                ("10.0.0.9", Some(false)),
+            ],
+        )));
+        assert_eq!(changed, ids(&["a"]), "the engine hears of it");
+        // A second slice repeating one endpoint, and one of a Service left from a rename.
+        v.apply_event(Event::Apply(slice(
+            "xmod-a-2",
+            "a",
+            "xmod-a",
+            &[("10.0.0.7", Some(true))],
+        )));
+        v.apply_event(Event::Apply(slice(
+            "old-a-1",
+            "a",
+            "old-a",
+            &[("10.0.0.3", Some(true))],
+        )));
+        assert_eq!(
+            v.observe("a").replica_addresses,
+            ["http://10.0.0.5:8000", "http://10.0.0.7:8000"]
+        );
+
+        // A relist replaces every slice at once.
+        v.apply_event(Event::<EndpointSlice>::Init);
+        v.apply_event(Event::InitApply(slice(
+            "xmod-a-3",
+            "a",
+            "xmod-a",
+            &[("10.0.0.8", Some(true))],
+        )));
+        assert_eq!(
+            v.observe("a").replica_addresses.len(),
+            2,
+            "not before InitDone"
+        );
+        assert_eq!(v.apply_event(Event::<EndpointSlice>::InitDone), ids(&["a"]));
+        assert_eq!(v.observe("a").replica_addresses, ["http://10.0.0.8:8000"]);
+
+        // Gone with the objects: the slice alone keeps the entry until its own delete.
+        v.apply_event(Event::Delete(deployment("a", 1)));
+        v.apply_event(Event::Delete(service("a")));
+        assert!(v.observe("a").replica_addresses.is_empty());
+        v.forget("a");
+        assert_eq!(v.len(), 1);
+        v.apply_event(Event::Delete(slice("xmod-a-3", "a", "xmod-a", &[])));
+        assert_eq!(v.len(), 0);
+    }
+
+    #[test]
+    fn ipv6_endpoints_are_bracketed_and_a_slice_without_port_gives_none() {
+        let mut six = slice("s", "a", "xmod-a", &[("fd00::5", Some(true))]);
+        six.address_type = "IPv6".into();
+        assert_eq!(SliceAddresses::of(&six).ready, ["http://[fd00::5]:8000"]);
+        let mut portless = slice("s", "a", "xmod-a", &[("10.0.0.5", Some(true))]);
+        portless.ports = None;
+        assert!(SliceAddresses::of(&portless).ready.is_empty());
+    }
+
+    #[test]
+    fn with_the_service_address_slices_are_not_waited_for_nor_used() {
+        let v = view();
+        v.apply_event(Event::Apply(deployment("a", 1)));
+        v.apply_event(Event::Apply(service("a")));
+        v.apply_event(Event::Apply(slice(
+            "xmod-a-1",
+            "a",
+            "xmod-a",
+            &[("10.0.0.5", Some(true))],
+        )));
+        assert_eq!(
+            v.observe("a").replica_addresses,
+            ["http://xmod-a.models.svc.cluster.local:8000"]
+        );
+    }
+
+    #[tokio::test]
+    async fn with_pod_addresses_start_up_waits_for_the_slices_and_says_how_to_do_without() {
+        let v = pods_view();
+        v.apply_event(Event::<Deployment>::InitDone);
+        v.apply_event(Event::<Service>::InitDone);
+        v.apply_event(Event::<Pod>::InitDone);
+        v.record_error(Kind::EndpointSlice, "endpointslices is forbidden".into());
+        let err = v.wait_synced(Duration::from_millis(10)).await.unwrap_err();
+        assert!(
+            err.contains("endpointslices (endpointslices is forbidden;"),
+            "{err}"
+        );
+        assert!(err.contains("replicaAddresses: service"), "{err}");
+        v.apply_event(Event::<EndpointSlice>::InitDone);
         v.wait_synced(Duration::from_millis(10)).await.unwrap();
     }
 

@@ -77,6 +77,12 @@ fn the_role_grants_exactly_what_the_shimlet_and_the_store_use() {
             ["patch"].as_slice(),
         ),
         ("/pods/log".to_string(), ["get"].as_slice()),
+        // The ready pods' addresses for the gateway (`replicaAddresses: pods`, the default in a
+        // cluster): watched, never read one by one.
+        (
+            "discovery.k8s.io/endpointslices".to_string(),
+            ["list", "watch"].as_slice(),
+        ),
         ("/namespaces".to_string(), ["get"].as_slice()),
         // The leader election among replicas (src/lease.rs).
         (

@@ -50,6 +50,13 @@ pub struct Lab {
 impl Lab {
     /// Starts a cluster (about 3 s; 6 s the first time, when the binaries are unpacked).
     pub fn up() -> Lab {
+        Self::up_with(&[])
+    }
+
+    /// Starts a cluster with some of up.sh's environment knobs set, e.g.
+    /// `("K8S_LAB_POD_CIDR", subnet)` for pod IPs on a network the test can serve. (Loopback pod
+    /// IPs, `127.0.0.0/8`, never reach EndpointSlices: the API server refuses them there.)
+    pub fn up_with(knobs: &[(&str, &str)]) -> Lab {
         let state = tempfile::Builder::new()
             .prefix("k8s-lab-")
             .tempdir()
@@ -58,6 +65,7 @@ impl Lab {
         let out = Command::new("bash")
             .arg(lab_dir().join("up.sh"))
             .arg(state.path())
+            .envs(knobs.iter().copied())
             .stdin(Stdio::null())
             .output()
             .expect("running k8s-lab/up.sh");
@@ -229,6 +237,15 @@ impl Lab {
         });
         std::fs::write(&path, serde_yaml::to_string(&config).unwrap()).unwrap();
         path
+    }
+
+    /// Namespace `namespace` with `deploy/rbac.yaml` applied in it; returns a kubeconfig for the
+    /// ServiceAccount it creates (`system:serviceaccount:<namespace>:xmod-shim`).
+    pub fn with_shipped_rbac(&self, namespace: &str) -> PathBuf {
+        self.namespace(namespace);
+        let rbac = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/rbac.yaml");
+        self.apply_file(namespace, &rbac);
+        self.service_account_kubeconfig(namespace, "xmod-shim")
     }
 
     /// Names of the Deployments in `namespace`.

@@ -334,3 +334,82 @@ pub fn wait_for<T>(what: &str, secs: u64, mut probe: impl FnMut() -> Option<T>) 
         std::thread::sleep(Duration::from_millis(100));
     }
 }
+
+/// Response headers by which the mock engine names the replica that answered (its hostname, and
+/// the address it listens on): `mock_engine::HOST_HEADER` and `mock_engine::LISTEN_HEADER`.
+pub const MOCK_HOST_HEADER: &str = "x-mock-engine-host";
+pub const MOCK_LISTEN_HEADER: &str = "x-mock-engine-listen";
+
+/// A chat completion answered through the gateway.
+#[derive(Debug)]
+pub struct Answer {
+    /// The answering mock replica's hostname.
+    pub host: String,
+    /// The address the answering mock replica listens on.
+    pub listen: String,
+    /// The reply's text (the streamed deltas joined).
+    pub text: String,
+}
+
+/// `POST /v1/chat/completions` through the shim's gateway (no API key), streamed or not;
+/// panics unless a mock engine answers it in full.
+pub fn gateway_chat(shim: &Shim, model: &str, stream: bool) -> Answer {
+    use std::io::Read as _;
+    let mut response = client()
+        .post(shim.url("/v1/chat/completions"))
+        .json(&json!({"model": model, "stream": stream, "max_tokens": 6,
+                      "messages": [{"role": "user", "content": "which replica answers"}]}))
+        .send()
+        .unwrap();
+    let header = |name: &str| {
+        response
+            .headers()
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+            .to_string()
+    };
+    let (host, listen) = (header(MOCK_HOST_HEADER), header(MOCK_LISTEN_HEADER));
+    let status = response.status();
+    let mut body = String::new();
+    response.read_to_string(&mut body).unwrap();
+    assert_eq!(status, 200, "{body}");
+    let text = if stream {
+        assert!(body.ends_with("data: [DONE]\n\n"), "{body}");
+        body.split("\n\n")
+            .filter_map(|frame| frame.strip_prefix("data: "))
+            .filter(|data| *data != "[DONE]")
+            .map(|data| serde_json::from_str::<Value>(data).unwrap())
+            .filter_map(|event| {
+                event["choices"][0]["delta"]["content"]
+                    .as_str()
+                    .map(String::from)
+            })
+            .collect()
+    } else {
+        let reply: Value = serde_json::from_str(&body).unwrap();
+        reply["choices"][0]["message"]["content"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string()
+    };
+    assert!(text.starts_with("[mock engine]"), "{body}");
+    assert!(!listen.is_empty(), "no {MOCK_LISTEN_HEADER} header: {body}");
+    Answer { host, listen, text }
+}
+
+/// The base URLs of a service's ready replicas, as its status shows them.
+pub fn replicas_of(shim: &Shim, id: &str) -> Vec<String> {
+    let envelope = get(&shim.url(&format!("/api/v1/modserv/{id}"))).unwrap();
+    assert_eq!(envelope["code"], 0, "{envelope}");
+    let mut replicas: Vec<String> = envelope["data"]["replicas"]
+        .as_array()
+        .map(|list| {
+            list.iter()
+                .filter_map(|r| r.as_str().map(String::from))
+                .collect()
+        })
+        .unwrap_or_default();
+    replicas.sort();
+    replicas
+}

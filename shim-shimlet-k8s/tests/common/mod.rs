@@ -24,7 +24,7 @@ use http_body_util::{BodyExt as _, Full, StreamBody};
 use serde_json::{Value, json};
 use shim_core::queue::WorkQueue;
 use shim_core::{ModelVolume, Notifier, WorkloadSpec};
-use shim_shimlet_k8s::{K8sConfig, K8sShimlet};
+use shim_shimlet_k8s::{K8sConfig, K8sShimlet, ReplicaAddresses};
 use tokio::sync::mpsc;
 
 /// Response body of the fake: whole, or a stream for watches.
@@ -754,14 +754,16 @@ pub async fn start(
     (shimlet, cluster, queue)
 }
 
-/// The configuration the tests use: the fake's namespace, defaults otherwise. The fake serves no
-/// Nodes, so the node watch is off (it is tested in `src/nodes.rs` and `shim-cli`'s
-/// `e2e_k8s_gpus.rs`); on, its requests would show as violations and in request counts.
+/// The configuration the tests use: the fake's namespace and the Service address (the fake
+/// serves no EndpointSlices; unset, a test run inside a pod would want them), defaults otherwise.
+/// The fake serves no Nodes either, so the node watch is off (it is tested in `src/nodes.rs` and
+/// `shim-cli`'s `e2e_k8s_gpus.rs`); on, its requests would show as violations and in counts.
 pub fn config() -> K8sConfig {
     K8sConfig {
         namespace: Some(NAMESPACE.into()),
         timeout_secs: 5,
         watch_nodes: false,
+        replica_addresses: Some(ReplicaAddresses::Service),
         ..K8sConfig::default()
     }
 }
