@@ -200,7 +200,9 @@ impl Upstreams {
             .parse()
             .map_err(|e| format!("bad replica address {base}: {e}"))?;
         if uri.scheme_str() != Some("http") {
-            return Err(format!("bad replica address {base}: only http:// is supported"));
+            return Err(format!(
+                "bad replica address {base}: only http:// is supported"
+            ));
         }
         let authority = uri
             .authority()
@@ -298,8 +300,14 @@ mod tests {
             &upstreams.origin("http://127.0.0.1:9000").unwrap()
         ));
         assert!(upstreams.origin("https://127.0.0.1:9000").is_err());
-        assert_eq!(upstreams.origin("http://engine").unwrap().address, "engine:80");
-        assert_eq!(upstreams.origin("http://e:1/base/").unwrap().prefix, "/base");
+        assert_eq!(
+            upstreams.origin("http://engine").unwrap().address,
+            "engine:80"
+        );
+        assert_eq!(
+            upstreams.origin("http://e:1/base/").unwrap().prefix,
+            "/base"
+        );
         assert!(upstreams.origin("not a url").is_err());
     }
 }

@@ -586,7 +586,10 @@ async fn replica_connections_are_kept_alive_and_reused() {
         }
     }
     let connections = replica.connections.load(Ordering::SeqCst);
-    assert!(connections <= 4, "{connections} connections for 18 requests");
+    assert!(
+        connections <= 4,
+        "{connections} connections for 18 requests"
+    );
 }
 
 #[tokio::test]

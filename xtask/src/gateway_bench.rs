@@ -84,6 +84,30 @@ fn rss_mib(pid: u32) -> f64 {
         .map_or(0.0, |kib| kib / 1024.0)
 }
 
+/// CPU time (user + system) that `pids` have used so far, in microseconds (Linux's `USER_HZ`
+/// is 100 ticks a second).
+fn cpu_micros(pids: &[u32]) -> u64 {
+    pids.iter()
+        .filter_map(|pid| std::fs::read_to_string(format!("/proc/{pid}/stat")).ok())
+        .filter_map(|stat| {
+            // Fields after the command name: state is the first, utime the 12th, stime the 13th.
+            let rest = stat.rsplit_once(')')?.1;
+            let fields: Vec<&str> = rest.split_whitespace().collect();
+            Some(fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?)
+        })
+        .sum::<u64>()
+        * 10_000
+}
+
+/// The child processes of `pid` (nginx's workers).
+fn children(pid: u32) -> Vec<u32> {
+    std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
+        .unwrap_or_default()
+        .split_whitespace()
+        .filter_map(|p| p.parse().ok())
+        .collect()
+}
+
 /// `key=value` fields of the load generator's output line.
 fn field(line: &str, key: &str) -> f64 {
     line.split_whitespace()
@@ -239,7 +263,13 @@ fn measure_all(rounds: usize) -> anyhow::Result<()> {
         ids.push(id);
     }
     let result = measure(
-        &addr, &ids, server_pid, &loadgen, &nginx, &work, nofile, rounds,
+        &addr,
+        &ids,
+        server_pid,
+        &loadgen,
+        &nginx,
+        &work,
+        Limits { nofile, rounds },
     );
     for id in &ids {
         let _ = http("DELETE", &addr, &format!("/api/v1/modserv/{id}"), None);
@@ -259,6 +289,13 @@ fn measure_all(rounds: usize) -> anyhow::Result<()> {
     result
 }
 
+/// How far a run goes: the open-file limit in force and the rounds of busy runs.
+#[derive(Clone, Copy)]
+struct Limits {
+    nofile: u64,
+    rounds: usize,
+}
+
 fn measure(
     addr: &str,
     ids: &[String],
@@ -266,8 +303,7 @@ fn measure(
     loadgen: &Path,
     nginx: &Path,
     work: &Path,
-    nofile: u64,
-    rounds: usize,
+    Limits { nofile, rounds }: Limits,
 ) -> anyhow::Result<()> {
     let deadline = Instant::now() + Duration::from_secs(60);
     for id in ids {
@@ -346,6 +382,20 @@ fn measure(
             );
             Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
         };
+    let nginx_workers = children(_nginx.0.id());
+    // The proxy's CPU time per request is the fairest comparison on a shared machine: it does
+    // not depend on how much CPU the neighbours leave.
+    let load_measured =
+        |target: &str, mode: &str, connections: usize, proxy: &[u32]| -> anyhow::Result<String> {
+            let before = cpu_micros(proxy);
+            let line = load(target, "bench", mode, connections)?;
+            let used = cpu_micros(proxy) - before;
+            if proxy.is_empty() {
+                return Ok(line);
+            }
+            let per_request = used as f64 / field(&line, "requests").max(1.0);
+            Ok(format!("{line} proxy_cpu_us={per_request:.1}"))
+        };
     let nginx_addr = format!("127.0.0.1:{nginx_port}");
     let rss_before = rss_mib(server_pid);
     // Per round: (chat, stream) output lines of direct, nginx and the gateway.
@@ -355,13 +405,13 @@ fn measure(
             println!("-- round {round} of {rounds}");
         }
         let mut rows = Vec::new();
-        for (name, target) in [
-            ("direct (1 replica)", replicas[0].as_str()),
-            ("nginx least_conn", nginx_addr.as_str()),
-            ("xmod-shim gateway", addr),
+        for (name, target, proxy) in [
+            ("direct (1 replica)", replicas[0].as_str(), &[][..]),
+            ("nginx least_conn", nginx_addr.as_str(), &nginx_workers[..]),
+            ("xmod-shim gateway", addr, &[server_pid][..]),
         ] {
-            let chat = load(target, "bench", "chat", CONNECTIONS)?;
-            let stream = load(target, "bench", "stream", CONNECTIONS)?;
+            let chat = load_measured(target, "chat", CONNECTIONS, proxy)?;
+            let stream = load_measured(target, "stream", CONNECTIONS, proxy)?;
             println!("{name:20} chat:   {chat}\n{:20} stream: {stream}", "");
             rows.push((chat, stream));
         }
@@ -450,6 +500,21 @@ fn measure(
         column(0),
         column(1),
         column(2),
+    );
+    let cpu = |row: usize, text: fn(&(String, String)) -> &String| {
+        median(
+            rounds_out
+                .iter()
+                .map(|r| field(text(&r[row]), "proxy_cpu_us"))
+                .collect(),
+        )
+    };
+    println!(
+        "proxy CPU per request (user + system): chat gateway {:.1} us, nginx {:.1} us; stream gateway {:.1} us, nginx {:.1} us",
+        cpu(2, |r| &r.0),
+        cpu(1, |r| &r.0),
+        cpu(2, |r| &r.1),
+        cpu(1, |r| &r.1),
     );
     println!("added p50 latency: gateway {added_p50:.3} ms, nginx {nginx_p50:.3} ms");
     println!("added TTFB p99 (streams): gateway {added_ttfb:.3} ms, nginx {nginx_ttfb:.3} ms");
