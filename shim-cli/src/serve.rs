@@ -15,6 +15,7 @@ use crate::config::{Logging, Settings, StoreKind};
 pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     let settings = Settings::load(args.config.as_deref(), args.as_config())?;
     init_logging(&settings.logging)?;
+    raise_open_file_limit();
     let config = settings.engine_config();
     std::fs::create_dir_all(&config.data_dir)
         .with_context(|| format!("cannot create data directory {}", config.data_dir.display()))?;
@@ -187,6 +188,24 @@ fn follow_cluster(
             }
         }
     });
+}
+
+/// Raises the soft limit on open files to the hard limit, as Go's runtime and most servers do:
+/// every proxied stream holds two sockets (the client's and the replica's), and the usual soft
+/// limit of 1024 would cap the gateway near 500 streams while the hard limit allows far more.
+/// Children (engines started by the process runtime) inherit the raised limit.
+fn raise_open_file_limit() {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    match getrlimit(Resource::RLIMIT_NOFILE) {
+        Ok((soft, hard)) if soft < hard => match setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+            Ok(()) => tracing::info!(from = soft, to = hard, "raised the open-file limit"),
+            Err(err) => {
+                tracing::warn!(soft, hard, error = %err, "cannot raise the open-file limit");
+            }
+        },
+        Ok((soft, _)) => tracing::info!(limit = soft, "open-file limit"),
+        Err(err) => tracing::warn!(error = %err, "cannot read the open-file limit"),
+    }
 }
 
 fn init_logging(logging: &Logging) -> anyhow::Result<()> {

@@ -1,6 +1,7 @@
 //! The response body handed to the client: the replica's body frame by frame (never buffered),
 //! plus what the gateway learns on the way (first byte, token usage) and reports at the end.
 
+use std::borrow::Cow;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -13,6 +14,7 @@ use serde::Deserialize;
 
 use crate::balance::InFlight;
 use crate::metrics::ModelMetrics;
+use crate::upstream::Lease;
 
 /// Most bytes of a plain JSON response kept to read its `usage`; larger ones go uncounted.
 const MAX_JSON_SCAN: usize = 4 * 1024 * 1024;
@@ -51,7 +53,7 @@ pub(crate) struct Report {
     first_byte: Option<Duration>,
     usage: UsageScan,
     /// How the body ended: `None` while streaming, then "complete", "client gone" or the error.
-    end: Option<String>,
+    end: Option<Cow<'static, str>>,
 }
 
 impl Report {
@@ -127,18 +129,35 @@ impl Drop for Report {
     }
 }
 
-/// Wraps the replica's body. Dropping it (the client went away) drops the replica's body too,
-/// which closes that connection and so cancels the generation upstream.
-pub(crate) struct MeteredBody<B> {
+/// Wraps the replica's body. Dropping it before its end (the client went away) drops the
+/// replica's body and connection too, which closes that connection and so cancels the generation
+/// upstream; a body read to its end returns the connection to the pool.
+pub(crate) struct MeteredBody<B: Body> {
     inner: B,
     report: Option<Report>,
+    lease: Option<Lease>,
 }
 
-impl<B> MeteredBody<B> {
-    pub(crate) fn new(inner: B, report: Report) -> Self {
+impl<B: Body> MeteredBody<B> {
+    pub(crate) fn new(inner: B, report: Report, lease: Option<Lease>) -> Self {
         Self {
             inner,
             report: Some(report),
+            lease,
+        }
+    }
+}
+
+impl<B: Body> Drop for MeteredBody<B> {
+    fn drop(&mut self) {
+        // A body that was empty from the start is never polled, yet it is complete.
+        if self.inner.is_end_stream() {
+            if let Some(report) = self.report.as_mut() {
+                report.end.get_or_insert(Cow::Borrowed("complete"));
+            }
+            if let Some(lease) = self.lease.take() {
+                lease.release();
+            }
         }
     }
 }
@@ -156,7 +175,14 @@ where
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
         let this = self.get_mut();
-        let poll = Pin::new(&mut this.inner).poll_frame(cx);
+        let mut poll = Pin::new(&mut this.inner).poll_frame(cx);
+        // The replica's connection is read in this task: nothing else polls it.
+        if poll.is_pending()
+            && let Some(lease) = this.lease.as_mut()
+        {
+            lease.drive(cx);
+            poll = Pin::new(&mut this.inner).poll_frame(cx);
+        }
         match &poll {
             Poll::Ready(Some(Ok(frame))) => {
                 if let (Some(report), Some(data)) = (this.report.as_mut(), frame.data_ref()) {
@@ -165,12 +191,17 @@ where
             }
             Poll::Ready(Some(Err(err))) => {
                 if let Some(mut report) = this.report.take() {
-                    report.end = Some(format!("replica error: {err}"));
+                    report.end = Some(Cow::Owned(format!("replica error: {err}")));
                 }
+                // The connection is broken: it is dropped, never pooled.
+                this.lease = None;
             }
             Poll::Ready(None) => {
                 if let Some(mut report) = this.report.take() {
-                    report.end = Some("complete".to_owned());
+                    report.end = Some(Cow::Borrowed("complete"));
+                }
+                if let Some(lease) = this.lease.take() {
+                    lease.release();
                 }
             }
             Poll::Pending => {}

@@ -18,6 +18,7 @@ mod body;
 mod config;
 mod error;
 mod metrics;
+mod upstream;
 
 use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap};
@@ -32,15 +33,13 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::any;
 use bytes::Bytes;
 use http_body_util::{BodyExt as _, Full, LengthLimitError, Limited};
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::TokioExecutor;
 use serde::Deserialize;
 use shim_core::{Engine, Phase};
 
 use crate::balance::{Balancer, Candidate, Resolution};
 use crate::body::{MeteredBody, ModelInFlight, Report};
 use crate::metrics::{Metrics, UNKNOWN_MODEL};
+use crate::upstream::{UpstreamError, Upstreams};
 
 pub use config::{ApiKey, ApiKeys, Balance, GatewayConfig};
 pub use error::GatewayError;
@@ -51,9 +50,6 @@ pub const REQUEST_ID: &str = "x-request-id";
 /// How often a waiting request re-reads the engine's records besides waking on its events:
 /// a replica set that changes while the phase stays put emits no event.
 const WAIT_POLL: Duration = Duration::from_millis(250);
-
-/// How long a connection to a replica may take before it counts as refused.
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Request ids longer than this are replaced (they end up in logs and upstream headers).
 const MAX_REQUEST_ID: usize = 128;
@@ -69,7 +65,7 @@ struct Inner {
     config: GatewayConfig,
     balancer: Balancer,
     metrics: Metrics,
-    client: Client<HttpConnector, Full<Bytes>>,
+    upstreams: Upstreams,
 }
 
 impl std::fmt::Debug for Gateway {
@@ -90,12 +86,6 @@ impl Gateway {
         } else {
             tracing::info!(keys = config.api_keys.0.len(), "gateway requires API keys");
         }
-        let mut http = HttpConnector::new();
-        http.set_nodelay(true);
-        http.set_connect_timeout(Some(CONNECT_TIMEOUT));
-        let client = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(Duration::from_secs(90))
-            .build(http);
         let balancer = Balancer::new(config.balance, config.cooldown());
         Self {
             inner: Arc::new(Inner {
@@ -103,7 +93,7 @@ impl Gateway {
                 config,
                 balancer,
                 metrics: Metrics::default(),
-                client,
+                upstreams: Upstreams::default(),
             }),
         }
     }
@@ -385,8 +375,13 @@ async fn proxy(State(gateway): State<Gateway>, request: Request) -> Response {
     response
 }
 
+/// A new request id: 32 hex digits, a random half drawn once per process and a counter, so ids
+/// are unique without drawing random numbers per request.
 fn new_request_id() -> String {
-    format!("{:032x}", rand::random::<u128>())
+    static PREFIX: std::sync::LazyLock<u64> = std::sync::LazyLock::new(rand::random);
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    format!("{:016x}{n:016x}", *PREFIX)
 }
 
 async fn forward(
@@ -545,13 +540,13 @@ async fn forward(
             break;
         };
         let Candidate { service_id, url } = &replicas[index];
-        let upstream = upstream_request(&parts, url, body.clone(), request_id).map_err(refuse)?;
+        let upstream = upstream_request(&parts, body.clone(), request_id).map_err(refuse)?;
         metrics.count_replica(url);
         if attempt > 0 {
             metrics.count_retry();
         }
-        match inner.client.request(upstream).await {
-            Ok(response) => {
+        match inner.upstreams.send(url, upstream).await {
+            Ok((response, lease)) => {
                 let status = response.status();
                 let retryable = matches!(
                     status,
@@ -566,6 +561,7 @@ async fn forward(
                 metrics.count_code(status.as_u16());
                 return Ok(pass_back(
                     response,
+                    lease,
                     Report::new(
                         model_in_flight,
                         replica_in_flight,
@@ -578,7 +574,7 @@ async fn forward(
                     ),
                 ));
             }
-            Err(err) if err.is_connect() => {
+            Err(err @ UpstreamError::Connect(_)) => {
                 tracing::warn!(request_id, replica = %url, service_id, error = %err,
                     "replica refused the connection; cooling it down and asking the engine to look");
                 inner.balancer.cool_down(url);
@@ -586,7 +582,7 @@ async fn forward(
                 tried = Some(url.clone());
                 last_error = Some(format!("replica {url} refused the connection: {err}"));
             }
-            Err(err) => {
+            Err(err @ UpstreamError::Send(_)) => {
                 // The request may have reached the engine: never resent.
                 return Err(refuse(GatewayError::bad_gateway(format!(
                     "replica {url} failed: {err}"
@@ -630,19 +626,16 @@ fn is_hop_by_hop(name: &HeaderName) -> bool {
     )
 }
 
+/// The request for a replica: the client's method, path and headers (less those that are the
+/// gateway's or the connection's) and the body read. [`Upstreams::send`] sets `Host`.
 fn upstream_request(
     parts: &axum::http::request::Parts,
-    base: &str,
     body: Bytes,
     request_id: &str,
 ) -> Result<hyper::Request<Full<Bytes>>, GatewayError> {
-    let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
-    let uri: Uri = format!("{}{path}", base.trim_end_matches('/'))
-        .parse()
-        .map_err(|e| GatewayError::bad_gateway(format!("bad replica address {base}: {e}")))?;
     let mut builder = hyper::Request::builder()
         .method(parts.method.clone())
-        .uri(uri);
+        .uri(parts.uri.clone());
     if let Some(headers) = builder.headers_mut() {
         for (name, value) in &parts.headers {
             // The gateway key is ours, not the engine's; host and length are set anew.
@@ -667,16 +660,22 @@ fn upstream_request(
 }
 
 /// The replica's response, with its body streamed through the metering wrapper.
-fn pass_back(response: hyper::Response<hyper::body::Incoming>, mut report: Report) -> Response {
+fn pass_back(
+    response: hyper::Response<hyper::body::Incoming>,
+    lease: upstream::Lease,
+    mut report: Report,
+) -> Response {
     let (mut parts, incoming) = response.into_parts();
-    let hop: Vec<HeaderName> = parts
-        .headers
-        .keys()
-        .filter(|n| is_hop_by_hop(n))
-        .cloned()
-        .collect();
-    for name in hop {
-        parts.headers.remove(name);
+    if parts.headers.keys().any(is_hop_by_hop) {
+        let hop: Vec<HeaderName> = parts
+            .headers
+            .keys()
+            .filter(|n| is_hop_by_hop(n))
+            .cloned()
+            .collect();
+        for name in hop {
+            parts.headers.remove(name);
+        }
     }
     let content_type = parts
         .headers
@@ -686,7 +685,10 @@ fn pass_back(response: hyper::Response<hyper::body::Incoming>, mut report: Repor
     let streaming = content_type.starts_with("text/event-stream");
     let json = content_type.starts_with("application/json");
     report.set_scan(streaming, json);
-    Response::from_parts(parts, Body::new(MeteredBody::new(incoming, report)))
+    Response::from_parts(
+        parts,
+        Body::new(MeteredBody::new(incoming, report, Some(lease))),
+    )
 }
 
 #[cfg(test)]
@@ -696,6 +698,7 @@ mod tests {
     #[test]
     fn request_ids_and_keys_compare_safely() {
         assert_eq!(new_request_id().len(), 32);
+        assert_ne!(new_request_id(), new_request_id());
         assert!(constant_time_eq(b"abc", b"abc"));
         assert!(!constant_time_eq(b"abc", b"abd"));
         assert!(!constant_time_eq(b"abc", b"ab"));

@@ -74,7 +74,7 @@ pub(crate) struct ModelMetrics {
     completion_tokens: AtomicU64,
     retries: AtomicU64,
     /// Requests sent per replica base URL: shows that every replica serves.
-    replicas: Mutex<HashMap<String, u64>>,
+    replicas: RwLock<HashMap<String, AtomicU64>>,
 }
 
 impl ModelMetrics {
@@ -91,13 +91,31 @@ impl ModelMetrics {
     }
 
     pub(crate) fn count_replica(&self, replica: &str) {
-        let mut replicas = self.replicas.lock().unwrap_or_else(|e| e.into_inner());
-        match replicas.get_mut(replica) {
-            Some(n) => *n += 1,
-            None => {
-                replicas.insert(replica.to_owned(), 1);
-            }
+        if let Some(n) = self
+            .replicas
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(replica)
+        {
+            n.fetch_add(1, Ordering::Relaxed);
+            return;
         }
+        self.replicas
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(replica.to_owned())
+            .or_default()
+            .fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn replica_counts(&self) -> Vec<(String, u64)> {
+        let replicas = self.replicas.read().unwrap_or_else(|e| e.into_inner());
+        let mut counts: Vec<(String, u64)> = replicas
+            .iter()
+            .map(|(url, n)| (url.clone(), n.load(Ordering::Relaxed)))
+            .collect();
+        counts.sort();
+        counts
     }
 
     pub(crate) fn count_retry(&self) {
@@ -174,9 +192,9 @@ impl Metrics {
     /// Requests `model` sent to each replica so far.
     pub(crate) fn replica_requests(&self, model: &str) -> HashMap<String, u64> {
         let models = self.models.read().unwrap_or_else(|e| e.into_inner());
-        models.get(model).map_or_else(HashMap::new, |m| {
-            m.replicas.lock().unwrap_or_else(|e| e.into_inner()).clone()
-        })
+        models
+            .get(model)
+            .map_or_else(HashMap::new, |m| m.replica_counts().into_iter().collect())
     }
 
     /// Appends the Prometheus text exposition (format 0.0.4) of every model's counters.
@@ -252,10 +270,7 @@ impl Metrics {
              # TYPE xmod_shim_gateway_replica_requests_total counter"
         );
         for (model, m) in &labelled {
-            let replicas = m.replicas.lock().unwrap_or_else(|e| e.into_inner()).clone();
-            let mut replicas: Vec<_> = replicas.into_iter().collect();
-            replicas.sort();
-            for (replica, n) in replicas {
+            for (replica, n) in m.replica_counts() {
                 let _ = writeln!(
                     out,
                     "xmod_shim_gateway_replica_requests_total{{model=\"{model}\",replica=\"{}\"}} {n}",

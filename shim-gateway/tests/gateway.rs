@@ -13,6 +13,7 @@ use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
+use axum::serve::ListenerExt as _;
 use futures::StreamExt as _;
 use serde_json::{Value, json};
 use shim_core::shimlet::{
@@ -41,6 +42,8 @@ struct Replica {
     hold_streams: bool,
     /// Set when a streamed answer's body was dropped before it ended (client went away).
     stream_cancelled: AtomicBool,
+    /// TCP connections accepted.
+    connections: AtomicU64,
 }
 
 struct DropFlag(Arc<Replica>, bool);
@@ -131,6 +134,10 @@ async fn start_replica(replica: Replica) -> (String, Arc<Replica>) {
         .with_state(replica.clone());
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
+    let counter = replica.clone();
+    let listener = listener.tap_io(move |_| {
+        counter.connections.fetch_add(1, Ordering::SeqCst);
+    });
     tokio::spawn(async move { axum::serve(listener, app).await });
     (url, replica)
 }
@@ -547,6 +554,42 @@ async fn streams_pass_through_unbuffered_and_a_client_leaving_cancels_upstream()
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     panic!("in-flight never returned to 0: {}", h.metrics());
+}
+
+#[tokio::test]
+async fn replica_connections_are_kept_alive_and_reused() {
+    let h = harness(GatewayConfig::default()).await;
+    let (url, replica) = start_replica(named("a")).await;
+    let id = h.deploy("llama", &[&url]).await;
+    h.wait_phase(&id, Phase::Running).await;
+    let stream =
+        json!({"model": "llama", "stream": true, "messages": [{"role": "user", "content": "hi"}]});
+    for _ in 0..3 {
+        let (status, body) = h.chat("llama").await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        let response = h.post("/v1/chat/completions", stream.clone()).await;
+        assert!(response.text().await.unwrap().contains("[DONE]"));
+    }
+    assert_eq!(replica.requests.load(Ordering::SeqCst), 6);
+    assert_eq!(
+        replica.connections.load(Ordering::SeqCst),
+        1,
+        "one connection serves requests one after another"
+    );
+
+    // Concurrent requests may open more connections, which stay for the next ones: never more
+    // than the most requests at once.
+    for _ in 0..3 {
+        let burst = (0..4).map(|_| h.post("/v1/chat/completions", stream.clone()));
+        for response in futures::future::join_all(burst).await {
+            assert!(response.text().await.unwrap().contains("[DONE]"));
+        }
+    }
+    let connections = replica.connections.load(Ordering::SeqCst);
+    assert!(
+        connections <= 4,
+        "{connections} connections for 18 requests"
+    );
 }
 
 #[tokio::test]

@@ -84,12 +84,42 @@ fn rss_mib(pid: u32) -> f64 {
         .map_or(0.0, |kib| kib / 1024.0)
 }
 
+/// CPU time (user + system) that `pids` have used so far, in microseconds (Linux's `USER_HZ`
+/// is 100 ticks a second).
+fn cpu_micros(pids: &[u32]) -> u64 {
+    pids.iter()
+        .filter_map(|pid| std::fs::read_to_string(format!("/proc/{pid}/stat")).ok())
+        .filter_map(|stat| {
+            // Fields after the command name: state is the first, utime the 12th, stime the 13th.
+            let rest = stat.rsplit_once(')')?.1;
+            let fields: Vec<&str> = rest.split_whitespace().collect();
+            Some(fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?)
+        })
+        .sum::<u64>()
+        * 10_000
+}
+
+/// The child processes of `pid` (nginx's workers).
+fn children(pid: u32) -> Vec<u32> {
+    std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
+        .unwrap_or_default()
+        .split_whitespace()
+        .filter_map(|p| p.parse().ok())
+        .collect()
+}
+
 /// `key=value` fields of the load generator's output line.
 fn field(line: &str, key: &str) -> f64 {
     line.split_whitespace()
         .find_map(|kv| kv.strip_prefix(key)?.strip_prefix('='))
         .and_then(|v| v.parse().ok())
         .unwrap_or(0.0)
+}
+
+/// nginx's worker processes: as many as the server's async runtime has worker threads (tokio's
+/// default, one per CPU), so both proxies get the same share of the machine.
+fn workers() -> usize {
+    std::thread::available_parallelism().map_or(1, usize::from)
 }
 
 fn ensure_nginx() -> anyhow::Result<PathBuf> {
@@ -111,22 +141,48 @@ fn target_dir() -> PathBuf {
     std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| super::root().join("target"), PathBuf::from)
 }
 
-/// Streams each process may open here: the gateway needs two sockets per proxied stream.
-fn nofile_limit() -> usize {
-    let out = Command::new("sh").args(["-c", "ulimit -n"]).output();
-    out.ok()
-        .and_then(|o| String::from_utf8(o.stdout).ok())
-        .and_then(|s| s.trim().parse().ok())
-        .unwrap_or(1024)
+/// Files each process may open here: the gateway needs two sockets per proxied stream, the load
+/// generator one, so 10,000 idle streams need more than the usual hard limit of 20,000 in the
+/// gateway's process. Raises this process's limits (children inherit them), the hard one too
+/// when allowed (root), and returns the soft limit in force.
+fn raise_nofile_limit() -> u64 {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    /// Idle streams × 2 sockets, plus room for replicas' pipes, the store and the listener.
+    const WANTED: u64 = 2 * IDLE_STREAMS as u64 + 4096;
+    let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) else {
+        return 1024;
+    };
+    let ceiling = std::fs::read_to_string("/proc/sys/fs/nr_open")
+        .ok()
+        .and_then(|s| s.trim().parse::<u64>().ok())
+        .unwrap_or(hard);
+    let new_hard = hard.max(WANTED.min(ceiling));
+    if setrlimit(Resource::RLIMIT_NOFILE, new_hard, new_hard).is_ok() {
+        return new_hard;
+    }
+    // Not allowed to raise the hard limit: the soft one can still go up to it.
+    if setrlimit(Resource::RLIMIT_NOFILE, hard, hard).is_ok() {
+        return hard;
+    }
+    soft
 }
 
 /// `args`: `--no-build` uses the release binaries already built (e.g. while the tree does not
-/// compile).
+/// compile); `--rounds N` repeats the 64-connection runs N times (direct, nginx, gateway in turn
+/// each round), so a noisy neighbour on a shared machine shows as spread, not as a verdict.
 pub fn run(args: &[String]) -> anyhow::Result<()> {
+    let rounds = match args.iter().position(|a| a == "--rounds") {
+        Some(i) => args
+            .get(i + 1)
+            .and_then(|n| n.parse::<usize>().ok())
+            .filter(|n| *n > 0)
+            .context("--rounds needs a positive number")?,
+        None => 1,
+    };
     if !args.iter().any(|a| a == "--no-build") {
         build()?;
     }
-    measure_all()
+    measure_all(rounds)
 }
 
 fn build() -> anyhow::Result<()> {
@@ -144,11 +200,16 @@ fn build() -> anyhow::Result<()> {
     ])
 }
 
-fn measure_all() -> anyhow::Result<()> {
+fn measure_all(rounds: usize) -> anyhow::Result<()> {
     let release = target_dir().join("release");
     let shim = release.join("model-serve-shim");
     let loadgen = release.join("examples").join("loadgen");
     let nginx = ensure_nginx()?;
+    let nofile = raise_nofile_limit();
+    println!(
+        "open-file limit for the server, nginx and the load generator: {nofile} (the server raises \
+         its soft limit to the hard one at start)"
+    );
 
     let work = std::env::temp_dir().join(format!("xmod-gateway-bench-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&work);
@@ -201,7 +262,15 @@ fn measure_all() -> anyhow::Result<()> {
             .to_owned();
         ids.push(id);
     }
-    let result = measure(&addr, &ids, server_pid, &loadgen, &nginx, &work);
+    let result = measure(
+        &addr,
+        &ids,
+        server_pid,
+        &loadgen,
+        &nginx,
+        &work,
+        Limits { nofile, rounds },
+    );
     for id in &ids {
         let _ = http("DELETE", &addr, &format!("/api/v1/modserv/{id}"), None);
     }
@@ -220,6 +289,13 @@ fn measure_all() -> anyhow::Result<()> {
     result
 }
 
+/// How far a run goes: the open-file limit in force and the rounds of busy runs.
+#[derive(Clone, Copy)]
+struct Limits {
+    nofile: u64,
+    rounds: usize,
+}
+
 fn measure(
     addr: &str,
     ids: &[String],
@@ -227,6 +303,7 @@ fn measure(
     loadgen: &Path,
     nginx: &Path,
     work: &Path,
+    Limits { nofile, rounds }: Limits,
 ) -> anyhow::Result<()> {
     let deadline = Instant::now() + Duration::from_secs(60);
     for id in ids {
@@ -260,13 +337,14 @@ fn measure(
     std::fs::write(
         &nginx_conf,
         format!(
-            "worker_processes auto;\npid {dir}/nginx.pid;\nerror_log {dir}/error.log warn;\n\
+            "worker_processes {workers};\npid {dir}/nginx.pid;\nerror_log {dir}/error.log warn;\n\
              events {{ worker_connections 16384; }}\n\
              http {{\n  access_log off;\n  client_body_temp_path {dir}/body;\n  proxy_temp_path {dir}/proxy;\n\
              upstream replicas {{ least_conn; server {a}; server {b}; keepalive 128; }}\n\
              server {{ listen 127.0.0.1:{nginx_port}; location / {{ proxy_pass http://replicas; \
              proxy_http_version 1.1; proxy_set_header Connection \"\"; proxy_buffering off; }} }}\n}}\n",
             dir = work.join("nginx").display(),
+            workers = workers(),
             a = replicas[0],
             b = replicas[1],
         ),
@@ -304,18 +382,42 @@ fn measure(
             );
             Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
         };
+    let nginx_workers = children(_nginx.0.id());
+    // The proxy's CPU time per request is the fairest comparison on a shared machine: it does
+    // not depend on how much CPU the neighbours leave.
+    let load_measured =
+        |target: &str, mode: &str, connections: usize, proxy: &[u32]| -> anyhow::Result<String> {
+            let before = cpu_micros(proxy);
+            let line = load(target, "bench", mode, connections)?;
+            let used = cpu_micros(proxy) - before;
+            if proxy.is_empty() {
+                return Ok(line);
+            }
+            let per_request = used as f64 / field(&line, "requests").max(1.0);
+            Ok(format!("{line} proxy_cpu_us={per_request:.1}"))
+        };
     let nginx_addr = format!("127.0.0.1:{nginx_port}");
     let rss_before = rss_mib(server_pid);
-    let mut rows = Vec::new();
-    for (name, target) in [
-        ("direct (1 replica)", replicas[0].as_str()),
-        ("nginx least_conn", nginx_addr.as_str()),
-        ("xmod-shim gateway", addr),
-    ] {
-        let chat = load(target, "bench", "chat", CONNECTIONS)?;
-        let stream = load(target, "bench", "stream", CONNECTIONS)?;
-        println!("{name:20} chat:   {chat}\n{:20} stream: {stream}", "");
-        rows.push((name, chat, stream));
+    // Per round: (chat, stream) output lines of direct, nginx and the gateway.
+    let mut rounds_out: Vec<[(String, String); 3]> = Vec::new();
+    for round in 1..=rounds {
+        if rounds > 1 {
+            println!("-- round {round} of {rounds}");
+        }
+        let mut rows = Vec::new();
+        for (name, target, proxy) in [
+            ("direct (1 replica)", replicas[0].as_str(), &[][..]),
+            ("nginx least_conn", nginx_addr.as_str(), &nginx_workers[..]),
+            ("xmod-shim gateway", addr, &[server_pid][..]),
+        ] {
+            let chat = load_measured(target, "chat", CONNECTIONS, proxy)?;
+            let stream = load_measured(target, "stream", CONNECTIONS, proxy)?;
+            println!("{name:20} chat:   {chat}\n{:20} stream: {stream}", "");
+            rows.push((chat, stream));
+        }
+        let [direct, nginx_row, gateway] = <[(String, String); 3]>::try_from(rows)
+            .map_err(|_| anyhow::anyhow!("three targets per round"))?;
+        rounds_out.push([direct, nginx_row, gateway]);
     }
     let rss_after = rss_mib(server_pid);
     // One connection: the proxy's own added latency, without queueing behind 63 others for a
@@ -335,32 +437,84 @@ fn measure(
         single.push((chat, stream));
     }
 
-    let limit = nofile_limit();
-    // Client socket + replica socket per stream, plus headroom for everything else.
-    let idle = IDLE_STREAMS.min(limit.saturating_sub(200) / 2);
+    let limit = usize::try_from(nofile).unwrap_or(usize::MAX);
+    // Client socket + replica socket per stream, beside what the server has open already (its
+    // listener, store, log, pooled connections) and a little headroom.
+    let open = std::fs::read_dir(format!("/proc/{server_pid}/fd")).map_or(200, Iterator::count);
+    let idle = IDLE_STREAMS.min(limit.saturating_sub(open + 16) / 2);
     if idle < IDLE_STREAMS {
         println!(
-            "note: open-file limit {limit} caps idle streams at {idle} (the gateway holds 2 sockets per stream)"
+            "note: the open-file limit {limit} (hard; raising it needs CAP_SYS_RESOURCE) with {open} \
+             files open in the server caps idle streams at {idle}: the gateway holds 2 sockets per stream"
         );
     }
     let held = load(addr, "idle", "idle", idle)?;
     println!("idle streams through the gateway: {held}");
 
-    let direct = &rows[0];
-    let nginx_row = &rows[1];
-    let gateway = &rows[2];
-    let ratio = field(&gateway.1, "rps") / field(&nginx_row.1, "rps").max(1.0);
-    let added_p50 = (field(&gateway.1, "p50_us") - field(&direct.1, "p50_us")) / 1000.0;
-    let nginx_p50 = (field(&nginx_row.1, "p50_us") - field(&direct.1, "p50_us")) / 1000.0;
-    let added_ttfb = (field(&gateway.2, "ttfb_p99_us") - field(&direct.2, "ttfb_p99_us")) / 1000.0;
-    let nginx_ttfb =
-        (field(&nginx_row.2, "ttfb_p99_us") - field(&direct.2, "ttfb_p99_us")) / 1000.0;
-    println!("\n== gateway vs nginx, {CONNECTIONS} connections, {SECS}s per run ==");
+    // Each round's figures, then their medians.
+    let figures: Vec<[f64; 6]> = rounds_out
+        .iter()
+        .map(|[direct, nginx_row, gateway]| {
+            let ms = |a: &str, b: &str, key: &str| (field(a, key) - field(b, key)) / 1000.0;
+            [
+                field(&gateway.0, "rps"),
+                field(&nginx_row.0, "rps"),
+                field(&direct.0, "rps"),
+                ms(&gateway.0, &direct.0, "p50_us"),
+                ms(&nginx_row.0, &direct.0, "p50_us"),
+                ms(&gateway.1, &direct.1, "ttfb_p99_us"),
+            ]
+        })
+        .collect();
+    let nginx_ttfbs: Vec<f64> = rounds_out
+        .iter()
+        .map(|[direct, nginx_row, _]| {
+            (field(&nginx_row.1, "ttfb_p99_us") - field(&direct.1, "ttfb_p99_us")) / 1000.0
+        })
+        .collect();
+    let median = |mut values: Vec<f64>| -> f64 {
+        values.sort_by(f64::total_cmp);
+        values.get(values.len() / 2).copied().unwrap_or(0.0)
+    };
+    let column = |i: usize| median(figures.iter().map(|f| f[i]).collect());
+    let ratios: Vec<f64> = figures.iter().map(|f| f[0] / f[1].max(1.0)).collect();
+    let ratio = median(ratios.clone());
+    let (added_p50, nginx_p50) = (column(3), column(4));
+    let (added_ttfb, nginx_ttfb) = (column(5), median(nginx_ttfbs));
+    let what = if rounds > 1 {
+        format!("medians of {rounds} rounds")
+    } else {
+        "one round".to_owned()
+    };
+    println!(
+        "\n== gateway vs nginx, {CONNECTIONS} connections, {SECS}s per run, {what}; nginx has {} worker processes, the server {} runtime threads ==",
+        workers(),
+        workers()
+    );
+    if rounds > 1 {
+        let each: Vec<String> = ratios.iter().map(|r| format!("{r:.2}")).collect();
+        println!("gateway/nginx throughput per round: {}", each.join(" "));
+    }
     println!(
         "throughput: gateway {:.0} req/s, nginx {:.0} req/s, direct {:.0} req/s -> gateway/nginx = {ratio:.2}x",
-        field(&gateway.1, "rps"),
-        field(&nginx_row.1, "rps"),
-        field(&direct.1, "rps")
+        column(0),
+        column(1),
+        column(2),
+    );
+    let cpu = |row: usize, text: fn(&(String, String)) -> &String| {
+        median(
+            rounds_out
+                .iter()
+                .map(|r| field(text(&r[row]), "proxy_cpu_us"))
+                .collect(),
+        )
+    };
+    println!(
+        "proxy CPU per request (user + system): chat gateway {:.1} us, nginx {:.1} us; stream gateway {:.1} us, nginx {:.1} us",
+        cpu(2, |r| &r.0),
+        cpu(1, |r| &r.0),
+        cpu(2, |r| &r.1),
+        cpu(1, |r| &r.1),
     );
     println!("added p50 latency: gateway {added_p50:.3} ms, nginx {nginx_p50:.3} ms");
     println!("added TTFB p99 (streams): gateway {added_ttfb:.3} ms, nginx {nginx_ttfb:.3} ms");
