@@ -2,7 +2,9 @@
 //! ServiceAccount of `deploy/rbac.yaml`: one leader (the Lease holder) reconciles, every
 //! replica answers the whole API.
 //!
-//! Three shims; 20 deploys sent round-robin to all three; kill -9 of the leader while they are
+//! Three shims. A deploy accepted by one follower and deleted through the other shows on the
+//! first follower's event stream as the leader runs it (running, terminating, deleted). Then
+//! 20 deploys sent round-robin to all three; kill -9 of the leader while they are
 //! in flight, then of the replica that took over → all 20 running on the survivor, exactly 20
 //! Deployments, and every status read sent to a live follower meanwhile answered. Then, with
 //! every shim stopped, a ModelService deleted with foreground propagation takes its Deployment
@@ -27,6 +29,46 @@ fn leads(base: &str) -> bool {
     get(&format!("{base}/healthz"))
         .map(|h| h["data"]["leader"] == true)
         .unwrap_or(false)
+}
+
+/// The `data:` lines of a server-sent event stream, as they arrive.
+fn sse_lines(url: &str) -> std::sync::mpsc::Receiver<String> {
+    use std::io::BufRead as _;
+    let (tx, rx) = std::sync::mpsc::channel();
+    let response = reqwest::blocking::Client::builder()
+        .timeout(None)
+        .build()
+        .unwrap()
+        .get(url)
+        .send()
+        .unwrap();
+    assert_eq!(response.status(), 200, "{url}");
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(response).lines() {
+            let Ok(line) = line else { return };
+            if let Some(data) = line.strip_prefix("data:")
+                && tx.send(data.trim().to_string()).is_err()
+            {
+                return;
+            }
+        }
+    });
+    rx
+}
+
+/// Waits (30 s at most) for a transition of service `id` to phase `to` on `stream`.
+fn wait_for_transition(stream: &std::sync::mpsc::Receiver<String>, id: &str, to: &str) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let data = stream
+            .recv_timeout(left)
+            .unwrap_or_else(|_| panic!("no transition of {id} to {to} on the follower's stream"));
+        let event: serde_json::Value = serde_json::from_str(&data).unwrap();
+        if event["serviceId"] == id && event["type"] == "transition" && event["to"] == to {
+            return;
+        }
+    }
 }
 
 /// The one live shim that leads, waiting for one to.
@@ -54,6 +96,27 @@ fn three_replicas_survive_two_kills_with_20_deploys_in_flight() {
     let mut alive = vec![true; 3];
     let first = leader_of(&bases, &alive, 30);
     eprintln!("leader: shim {first}");
+
+    // A follower's event stream tells the leader's story: a deploy accepted by one follower,
+    // run by the leader, and deleted through the other follower, seen on the first one's
+    // /api/v1/events (the events travel through the ModelService, no side channel).
+    let followers: Vec<usize> = (0..3).filter(|&i| i != first).collect();
+    let stream = sse_lines(&format!("{}/api/v1/events", bases[followers[0]]));
+    let probe = deploy(shims[followers[0]].as_ref().unwrap(), mock("probe"));
+    wait_for_transition(&stream, &probe, "running");
+    common::send(
+        reqwest::Method::DELETE,
+        &shims[followers[1]]
+            .as_ref()
+            .unwrap()
+            .url(&format!("/api/v1/modserv/{probe}")),
+        None,
+    );
+    wait_for_transition(&stream, &probe, "terminating");
+    wait_for_transition(&stream, &probe, "deleted");
+    wait_for("the probe's workload to go", 60, || {
+        lab.deployments(NAMESPACE).is_empty().then_some(())
+    });
 
     // Status reads against every live follower, all along: each must be answered.
     let live: Arc<Vec<AtomicBool>> = Arc::new((0..3).map(|_| AtomicBool::new(true)).collect());
