@@ -50,6 +50,11 @@ pub struct Lab {
 impl Lab {
     /// Starts a cluster (about 3 s; 6 s the first time, when the binaries are unpacked).
     pub fn up() -> Lab {
+        Self::up_with(&[])
+    }
+
+    /// As [`Lab::up`], with environment knobs for `up.sh` (e.g. `K8S_LAB_SCHEDULER=0`).
+    pub fn up_with(env: &[(&str, &str)]) -> Lab {
         let state = tempfile::Builder::new()
             .prefix("k8s-lab-")
             .tempdir()
@@ -58,6 +63,7 @@ impl Lab {
         let out = Command::new("bash")
             .arg(lab_dir().join("up.sh"))
             .arg(state.path())
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .output()
             .expect("running k8s-lab/up.sh");
