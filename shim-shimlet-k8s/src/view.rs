@@ -24,6 +24,7 @@ use tokio::task::AbortHandle;
 
 use crate::names::{ANNOTATION_GENERATION, MANAGED_SELECTOR, service_id_of};
 use crate::status::{self, ApplyMark, EndpointResolver, ServiceObjects};
+use crate::trim::trim;
 
 /// The kinds watched.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -373,12 +374,6 @@ impl View {
             missing.join(", ")
         ))
     }
-}
-
-/// Drops what the view never reads: managed fields are most of an object's size.
-fn trim<K: Resource>(mut object: K) -> K {
-    object.meta_mut().managed_fields = None;
-    object
 }
 
 /// Puts an object in its service's entry; returns the service id, or `None` for an object
