@@ -65,6 +65,7 @@ mod render;
 mod shimlet;
 pub mod status;
 pub mod store;
+mod trim;
 mod view;
 
 use std::sync::Arc;

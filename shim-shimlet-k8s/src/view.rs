@@ -32,6 +32,7 @@ use tokio::task::AbortHandle;
 use crate::config::ReplicaAddresses;
 use crate::names::{ANNOTATION_GENERATION, MANAGED_SELECTOR, PORT_NAME, service_id_of};
 use crate::status::{self, ApplyMark, EndpointResolver, ServiceObjects};
+use crate::trim::trim;
 
 /// The kinds watched.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -528,12 +529,6 @@ impl View {
             missing.join(", ")
         ))
     }
-}
-
-/// Drops what the view never reads: managed fields are most of an object's size.
-fn trim<K: Resource>(mut object: K) -> K {
-    object.meta_mut().managed_fields = None;
-    object
 }
 
 /// Puts an object in its service's entry; returns the service id, or `None` for an object

@@ -45,16 +45,22 @@ impl Drop for Running {
 }
 
 /// A tiny HTTP/1.1 client (one request per connection): enough to deploy and poll.
-fn http(method: &str, addr: &str, path: &str, body: Option<&str>) -> anyhow::Result<String> {
+pub(crate) fn http(
+    method: &str,
+    addr: &str,
+    path: &str,
+    body: Option<&str>,
+) -> anyhow::Result<String> {
     let mut stream = TcpStream::connect(addr).with_context(|| format!("connect {addr}"))?;
     stream.set_read_timeout(Some(Duration::from_secs(30)))?;
     let body = body.unwrap_or("");
-    write!(
-        stream,
+    // One write: `write!` on the bare stream sends each piece as its own segment.
+    let request = format!(
         "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\n\
          Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
         body.len()
-    )?;
+    );
+    stream.write_all(request.as_bytes())?;
     let mut response = String::new();
     stream.read_to_string(&mut response)?;
     let (head, body) = response
@@ -66,13 +72,13 @@ fn http(method: &str, addr: &str, path: &str, body: Option<&str>) -> anyhow::Res
     Ok(body.to_owned())
 }
 
-fn free_port() -> anyhow::Result<u16> {
+pub(crate) fn free_port() -> anyhow::Result<u16> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?
         .local_addr()?
         .port())
 }
 
-fn rss_mib(pid: u32) -> f64 {
+pub(crate) fn rss_mib(pid: u32) -> f64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()
         .and_then(|s| {
@@ -137,7 +143,7 @@ fn ensure_nginx() -> anyhow::Result<PathBuf> {
     found("/usr/sbin/nginx").context("nginx-light installed but /usr/sbin/nginx is missing")
 }
 
-fn target_dir() -> PathBuf {
+pub(crate) fn target_dir() -> PathBuf {
     std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| super::root().join("target"), PathBuf::from)
 }
 

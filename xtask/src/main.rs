@@ -3,6 +3,9 @@
 //! - `ci`: formatting, clippy with warnings denied, the llama.cpp test environment, and every
 //!   test (what `.ci/run` runs).
 //! - `bench`: the engine and status-API benchmark; prints figures.
+//! - `bench gateway`: the OpenAI gateway against nginx.
+//! - `bench k8s [--services N]`: two replicas on the Kubernetes store against the k8s lab:
+//!   API requests per deploy, RSS per service, follower status reads, failover (default 1,000).
 //! - `docker-image`: builds the mock engine's image locally (no registry needed).
 //! - `llama-env`: creates (or reuses) the Python virtualenv with llama-cpp-python's server and
 //!   the `gguf` package, and prints its interpreter.
@@ -19,6 +22,7 @@ mod api_fuzz;
 mod browser;
 mod docker_image;
 mod gateway_bench;
+mod k8s_bench;
 mod openai_env;
 mod venv;
 
@@ -29,6 +33,7 @@ fn main() -> anyhow::Result<()> {
         "ci" => ci(),
         "bench" if args.get(1).is_some_and(|a| a == "gateway") => gateway_bench::run(&args[2..]),
         "bench-gateway" => gateway_bench::run(&args[1..]),
+        "bench" if args.get(1).is_some_and(|a| a == "k8s") => k8s_bench::run(&args[2..]),
         "bench" => bench(&args[1..]),
         "docker-image" => docker_image::run(&args[1..]),
         "llama-env" => llama_env().map(|python| println!("{}", python.display())),
@@ -40,7 +45,7 @@ fn main() -> anyhow::Result<()> {
         }
         "help" | "--help" | "-h" => {
             println!(
-                "usage: cargo xtask <ci | bench [gateway] | docker-image | llama-env | openai-env | fuzz-api [--examples N] | tiny-model DIR>"
+                "usage: cargo xtask <ci | bench [gateway | k8s [--services N]] | docker-image | llama-env | openai-env | fuzz-api [--examples N] | tiny-model DIR>"
             );
             Ok(())
         }

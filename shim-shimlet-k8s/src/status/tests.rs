@@ -119,6 +119,52 @@ fn objects(deployment: Option<Deployment>, svc: Option<Service>, pods: Vec<Pod>)
     o
 }
 
+/// [`super::observe`] on the whole objects, checked against the same on the objects as the view
+/// keeps them ([`crate::trim`]): every rule below reads the same on both.
+fn observe(
+    objects: &ServiceObjects,
+    mark: Option<&ApplyMark>,
+    endpoints: &EndpointResolver,
+    service_id: &str,
+    max_restarts: u32,
+) -> WorkloadObservation {
+    let whole = super::observe(objects, mark, endpoints, service_id, max_restarts);
+    let trimmed = ServiceObjects {
+        deployments: trimmed_all(&objects.deployments),
+        services: trimmed_all(&objects.services),
+        pods: trimmed_all(&objects.pods),
+    };
+    assert_eq!(
+        super::observe(&trimmed, mark, endpoints, service_id, max_restarts),
+        whole,
+        "trimmed objects read differently"
+    );
+    whole
+}
+
+fn trimmed_all<K: kube::Resource + Clone + 'static>(
+    objects: &BTreeMap<String, Arc<K>>,
+) -> BTreeMap<String, Arc<K>> {
+    objects
+        .iter()
+        .map(|(name, o)| (name.clone(), Arc::new(crate::trim::trim((**o).clone()))))
+        .collect()
+}
+
+#[test]
+fn trimming_drops_what_status_never_reads() {
+    let mut d = rolled_out(1);
+    d.metadata.managed_fields = Some(vec![Default::default()]);
+    let d = crate::trim::trim(d);
+    assert!(d.metadata.managed_fields.is_none());
+    assert!(d.spec.as_ref().unwrap().template.spec.is_none());
+    let annotations = d.metadata.annotations.unwrap();
+    assert!(annotations.contains_key("xmod-shim/generation"));
+    let p = crate::trim::trim(ready_pod("a", "10.0.0.1"));
+    assert!(p.spec.is_none());
+    assert_eq!(p.status.unwrap().host_ip.as_deref(), Some("10.0.0.1"));
+}
+
 fn resolver(config: K8sConfig) -> EndpointResolver {
     EndpointResolver::new(&config, "models")
 }
