@@ -829,7 +829,7 @@ async fn health_plugins_and_openapi_are_served() {
     assert_eq!(reply.message(), "ok");
     assert_eq!(
         reply.body["data"],
-        json!({"shimlet": "custom", "pipeline": "test"})
+        json!({"shimlet": "custom", "pipeline": "test", "leader": true})
     );
 
     let data = get(&h.app, "/api/v1/plugins")
