@@ -213,6 +213,35 @@ struct Inner {
     adopt_tx: mpsc::UnboundedSender<ClusterChange>,
 }
 
+impl Inner {
+    /// Empty state for the resources in `namespace`, registered for [`owner_uid`] under
+    /// `origin`.
+    fn registered(
+        client: Client,
+        namespace: String,
+        history: usize,
+        origin: &str,
+        adopt_tx: mpsc::UnboundedSender<ClusterChange>,
+    ) -> Arc<Self> {
+        let inner = Arc::new(Self {
+            api: Api::namespaced(client.clone(), &namespace),
+            kube_events: Api::namespaced(client, &namespace),
+            namespace,
+            history,
+            records: Mutex::default(),
+            events: Mutex::default(),
+            seen: Mutex::default(),
+            offered: Mutex::default(),
+            offered_specs: Mutex::default(),
+            gone: Mutex::default(),
+            resave: Mutex::default(),
+            adopt_tx,
+        });
+        register_owners(origin, &inner);
+        inner
+    }
+}
+
 /// [`Store`] on ModelService resources; see the module docs.
 #[derive(Clone)]
 pub struct KubeStore {
@@ -283,21 +312,7 @@ impl KubeStore {
             }));
         }
         let (adopt_tx, adopt_rx) = mpsc::unbounded_channel();
-        let inner = Arc::new(Inner {
-            kube_events: Api::namespaced(client, &namespace),
-            api,
-            namespace,
-            history,
-            records: Mutex::default(),
-            events: Mutex::default(),
-            seen: Mutex::default(),
-            offered: Mutex::default(),
-            offered_specs: Mutex::default(),
-            gone: Mutex::default(),
-            resave: Mutex::default(),
-            adopt_tx,
-        });
-        register_owners(origin, &inner);
+        let inner = Inner::registered(client, namespace, history, origin, adopt_tx);
         let (writer, jobs) = mpsc::unbounded_channel();
         tokio::spawn(write_loop(inner.clone(), jobs, writer.downgrade()));
         tokio::spawn(watch_loop(inner.clone()));
@@ -1189,21 +1204,7 @@ mod tests {
     fn inner_at(origin: &str) -> (Arc<Inner>, mpsc::UnboundedReceiver<ClusterChange>) {
         let (client, _) = client();
         let (adopt_tx, rx) = mpsc::unbounded_channel();
-        let inner = Arc::new(Inner {
-            api: Api::namespaced(client.clone(), "ns"),
-            kube_events: Api::namespaced(client, "ns"),
-            namespace: "ns".into(),
-            history: 10,
-            records: Mutex::default(),
-            events: Mutex::default(),
-            seen: Mutex::default(),
-            offered: Mutex::default(),
-            offered_specs: Mutex::default(),
-            gone: Mutex::default(),
-            resave: Mutex::default(),
-            adopt_tx,
-        });
-        register_owners(origin, &inner);
+        let inner = Inner::registered(client, "ns".into(), 10, origin, adopt_tx);
         (inner, rx)
     }
 
