@@ -43,7 +43,7 @@
 //! removes them even when no shim runs: `kubectl delete --cascade=foreground` deletes them at
 //! once; the ModelService itself then waits, `terminating`, for a shim to confirm.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, LazyLock, Mutex, Weak};
 use std::time::Duration;
 
@@ -55,7 +55,7 @@ use kube::runtime::watcher;
 use kube::{Client, Resource as _, ResourceExt as _};
 use shim_core::event::{Event, EventKind};
 use shim_core::record::ServiceRecord;
-use shim_core::store::{Ack, Store};
+use shim_core::store::{Ack, EventHistory, Store};
 use shim_core::{DeploySpec, Phase};
 use tokio::sync::{mpsc, oneshot};
 
@@ -196,10 +196,9 @@ struct Inner {
     api: Api<ModelService>,
     kube_events: Api<KubeEvent>,
     namespace: String,
-    history: usize,
     /// Every record this process knows, deleted ones included (as history).
     records: Mutex<HashMap<String, ServiceRecord>>,
-    events: Mutex<HashMap<String, VecDeque<Event>>>,
+    events: EventHistory,
     /// What was last seen of each resource, by name.
     seen: Mutex<HashMap<String, Seen>>,
     /// Names already handed out for adoption (each is handed out once).
@@ -227,9 +226,8 @@ impl Inner {
             api: Api::namespaced(client.clone(), &namespace),
             kube_events: Api::namespaced(client, &namespace),
             namespace,
-            history,
             records: Mutex::default(),
-            events: Mutex::default(),
+            events: EventHistory::new(history),
             seen: Mutex::default(),
             offered: Mutex::default(),
             offered_specs: Mutex::default(),
@@ -527,13 +525,7 @@ impl Store for KubeStore {
     }
 
     fn append_event(&self, event: &Event) -> Ack {
-        if let Ok(mut events) = self.inner.events.lock() {
-            let list = events.entry(event.service_id.clone()).or_default();
-            list.push_back(event.clone());
-            while list.len() > self.inner.history {
-                list.pop_front();
-            }
-        }
+        self.inner.events.push(event);
         // The Kubernetes Event is a courtesy for `kubectl describe`: it never holds up or fails
         // the engine's write.
         if matches!(event.kind, EventKind::Transition { .. }) {
@@ -558,10 +550,11 @@ impl Store for KubeStore {
         let mut live = Vec::new();
         for object in list.items {
             let name = object.name_any();
-            remember(&self.inner, &object, false);
             // Resources without a record were made by someone else: the watch offers them for
             // adoption. A damaged record is refused loudly rather than guessed at.
-            let Some(record) = record_of(&object)? else {
+            let record = record_of(&object)?;
+            remember(&self.inner, &object, record.as_ref(), false);
+            let Some(record) = record else {
                 continue;
             };
             if record.id != name {
@@ -600,15 +593,7 @@ impl Store for KubeStore {
     }
 
     async fn events(&self, id: &str, limit: usize) -> shim_core::Result<Vec<Event>> {
-        let events =
-            self.inner.events.lock().map_err(|_| {
-                store_err(KubeStoreError::Config("event history lock poisoned".into()))
-            })?;
-        let list: Vec<Event> = events
-            .get(id)
-            .map(|l| l.iter().cloned().collect())
-            .unwrap_or_default();
-        Ok(list[list.len().saturating_sub(limit)..].to_vec())
+        Ok(self.inner.events.newest(id, limit))
     }
 }
 
@@ -625,9 +610,15 @@ fn record_of(object: &ModelService) -> shim_core::Result<Option<ServiceRecord>> 
     })
 }
 
-/// Notes what `object` shows; `mine` when it is the answer to this process's own write. Returns
-/// whether it is newer than this process's last write (someone else's change).
-fn remember(inner: &Inner, object: &ModelService, mine: bool) -> bool {
+/// Notes what `object` shows, given the record in its annotation (`None` when it has none or a
+/// damaged one); `mine` when it is the answer to this process's own write. Returns whether it
+/// is newer than this process's last write (someone else's change).
+fn remember(
+    inner: &Inner,
+    object: &ModelService,
+    record: Option<&ServiceRecord>,
+    mine: bool,
+) -> bool {
     let name = object.name_any();
     let Ok(mut seen) = inner.seen.lock() else {
         return false;
@@ -653,11 +644,7 @@ fn remember(inner: &Inner, object: &ModelService, mine: bool) -> bool {
     }
     entry.deleting = object.meta().deletion_timestamp.is_some();
     entry.has_finalizer = object.finalizers().iter().any(|f| f == FINALIZER);
-    let record_spec = object
-        .annotations()
-        .get(ANNOTATION_RECORD)
-        .and_then(|json| serde_json::from_str::<ServiceRecord>(json).ok())
-        .map(|record| ModelServiceSpec::from(&record.spec));
+    let record_spec = record.map(|record| ModelServiceSpec::from(&record.spec));
     entry.annotated = record_spec.is_some();
     entry.outside_spec = (record_spec.as_ref() != Some(&object.spec)).then(|| object.spec.clone());
     newer
@@ -855,7 +842,8 @@ async fn write_record(inner: &Inner, record: &ServiceRecord) -> Result<(), KubeS
             Err(err) => return Err(err),
         }
     };
-    remember(inner, &applied, true);
+    // The answer carries the annotation just written: `record`.
+    remember(inner, &applied, Some(record), true);
     let status = serde_json::json!({
         "apiVersion": "xmod-shim.io/v1alpha1",
         "kind": "ModelService",
@@ -867,7 +855,7 @@ async fn write_record(inner: &Inner, record: &ServiceRecord) -> Result<(), KubeS
         inner.api.patch_status(name, &params, &status_patch)
     })
     .await?;
-    remember(inner, &written, true);
+    remember(inner, &written, Some(record), true);
     Ok(())
 }
 
@@ -882,8 +870,8 @@ async fn superseded(inner: &Inner, record: &ServiceRecord) -> Result<bool, KubeS
         }
         return Ok(false);
     };
-    remember(inner, &current, false);
     let theirs = record_of(&current).ok().flatten();
+    remember(inner, &current, theirs.as_ref(), false);
     let newer = theirs.filter(|theirs| {
         theirs.generation > record.generation
             || (theirs.generation == record.generation
@@ -1105,10 +1093,11 @@ fn change_of(inner: &Inner, deleted: bool, object: &ModelService) -> Vec<Cluster
             None => Vec::new(),
         };
     }
-    let newer = remember(inner, object, false);
+    let theirs = record_of(object).ok().flatten();
+    let newer = remember(inner, object, theirs.as_ref(), false);
     let mut changes = Vec::new();
     if newer
-        && let Ok(Some(theirs)) = record_of(object)
+        && let Some(theirs) = theirs
         && theirs.id == name
         && known.as_ref() != Some(&theirs)
         && known
@@ -1251,7 +1240,7 @@ mod tests {
 
         // Its own write, as the API server answered it and then through the watch: nothing.
         let object = at_version(written(&mine), 7);
-        assert!(!remember(&inner, &object, true));
+        assert!(!remember(&inner, &object, Some(&mine), true));
         assert_eq!(change_of(&inner, false, &object), vec![]);
         // The shimlet's ownerReferences name it, on this API server only.
         assert_eq!(
@@ -1333,7 +1322,7 @@ mod tests {
             .lock()
             .unwrap()
             .insert("abc".into(), mine.clone());
-        remember(&inner, &at_version(written(&mine), 5), true);
+        remember(&inner, &at_version(written(&mine), 5), Some(&mine), true);
 
         // The leader's progress on the same generation, written after this process's write.
         let mut running = mine.clone();

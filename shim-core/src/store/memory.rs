@@ -1,11 +1,11 @@
 //! A store that keeps everything in memory: for tests and embedders who persist elsewhere.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::sync::Mutex;
 
 use async_trait::async_trait;
 
-use super::{Ack, Store};
+use super::{Ack, EventHistory, Store};
 use crate::error::Result;
 use crate::event::Event;
 use crate::record::ServiceRecord;
@@ -13,18 +13,16 @@ use crate::record::ServiceRecord;
 /// In-memory [`Store`]; nothing survives the process.
 #[derive(Debug)]
 pub struct MemoryStore {
-    history: usize,
     records: Mutex<HashMap<String, ServiceRecord>>,
-    events: Mutex<HashMap<String, VecDeque<Event>>>,
+    events: EventHistory,
 }
 
 impl MemoryStore {
     /// A store keeping `history` events per service.
     pub fn new(history: usize) -> Self {
         Self {
-            history,
             records: Mutex::default(),
-            events: Mutex::default(),
+            events: EventHistory::new(history),
         }
     }
 }
@@ -46,12 +44,7 @@ impl Store for MemoryStore {
     }
 
     fn append_event(&self, event: &Event) -> Ack {
-        let mut events = self.events.lock().expect("store lock");
-        let list = events.entry(event.service_id.clone()).or_default();
-        list.push_back(event.clone());
-        while list.len() > self.history {
-            list.pop_front();
-        }
+        self.events.push(event);
         Box::pin(async { Ok(()) })
     }
 
@@ -71,11 +64,6 @@ impl Store for MemoryStore {
     }
 
     async fn events(&self, id: &str, limit: usize) -> Result<Vec<Event>> {
-        let events = self.events.lock().expect("store lock");
-        let list = events
-            .get(id)
-            .map(|l| l.iter().cloned().collect::<Vec<_>>())
-            .unwrap_or_default();
-        Ok(list[list.len().saturating_sub(limit)..].to_vec())
+        Ok(self.events.newest(id, limit))
     }
 }

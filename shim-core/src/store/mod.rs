@@ -1,12 +1,14 @@
 //! Where desired state and history live: a trait, an embedded file database (redb) and an
 //! in-memory store for tests and embedders.
 
+mod history;
 mod memory;
 mod redb_file;
 
 use async_trait::async_trait;
 use futures::future::BoxFuture;
 
+pub use history::EventHistory;
 pub use memory::MemoryStore;
 pub use redb_file::RedbStore;
 
