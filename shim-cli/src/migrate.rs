@@ -10,9 +10,11 @@
 //! manage the same services a second time. Event history stays in that file.
 
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use anyhow::Context as _;
 use clap::Args;
+use shim_core::ServiceRecord;
 use shim_core::store::{RedbStore, Store};
 
 use crate::ServeArgs;
@@ -61,7 +63,12 @@ pub async fn run(args: MigrateArgs) -> anyhow::Result<()> {
     );
     let source = RedbStore::open(&path, config.event_history)
         .with_context(|| format!("cannot open {} (stop the shim first)", path.display()))?;
-    let records = source.load_live().await?;
+    let records: Vec<Arc<ServiceRecord>> = source
+        .load_live()
+        .await?
+        .into_iter()
+        .map(Arc::new)
+        .collect();
     let k8s = settings.k8s_config()?;
     let target = shim_shimlet_k8s::store::KubeStore::connect(&k8s, config.event_history)
         .await

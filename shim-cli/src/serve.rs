@@ -164,7 +164,7 @@ fn follow_cluster(
             }
             match change {
                 ClusterChange::Record(record) => {
-                    engine.mirror(*record);
+                    engine.mirror(record);
                 }
                 ClusterChange::Adopt { id, spec } => match engine.adopt(id.clone(), spec).await {
                     Ok(()) => tracing::info!(%id, "adopted a ModelService"),

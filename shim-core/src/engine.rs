@@ -53,8 +53,10 @@ struct Inner {
     queue: Arc<WorkQueue>,
     /// The GPU inventory and allocator shared with the shimlet (admission reads it).
     gpus: Arc<GpuAllocator>,
-    /// The live services; every read is answered from here, never from a runtime.
-    services: RwLock<HashMap<String, ServiceRecord>>,
+    /// The live services; every read is answered from here, never from a runtime. Each record
+    /// is shared with the store that keeps it in memory: a change copies it (`Arc::make_mut`)
+    /// and the next save shares the new one, so a service costs one record, not two.
+    services: RwLock<HashMap<String, Arc<ServiceRecord>>>,
     /// Cancels the pipeline run in flight for an id when a newer request supersedes it.
     in_flight: Mutex<HashMap<String, CancellationToken>>,
     /// Consecutive failed reconciles per id, for backoff.
@@ -217,7 +219,11 @@ impl EngineBuilder {
             pipeline: Arc::new(pipeline),
             queue,
             gpus,
-            services: RwLock::new(live.into_iter().map(|r| (r.id.clone(), r)).collect()),
+            services: RwLock::new(
+                live.into_iter()
+                    .map(|r| (r.id.clone(), Arc::new(r)))
+                    .collect(),
+            ),
             in_flight: Mutex::default(),
             failures: Mutex::default(),
             shutdown: CancellationToken::new(),
@@ -279,12 +285,12 @@ impl Engine {
         action: &str,
         spec: DeploySpec,
         need: Option<crate::gpu::GpuNeed>,
-        choose: impl FnOnce(&HashMap<String, ServiceRecord>) -> Result<String>,
+        choose: impl FnOnce(&HashMap<String, Arc<ServiceRecord>>) -> Result<String>,
     ) -> Result<String> {
         let (id, ack) = {
             let mut services = self.inner.services.write().expect("services lock");
             let id = choose(&services)?;
-            let record = ServiceRecord::new(id.clone(), spec, Utc::now());
+            let record = Arc::new(ServiceRecord::new(id.clone(), spec, Utc::now()));
             let ack = self.inner.store.save(&record);
             self.emit(
                 &record,
@@ -464,12 +470,7 @@ impl Engine {
 
     /// A live service's record; `None` once deleted or never deployed.
     pub fn get(&self, id: &str) -> Option<ServiceRecord> {
-        self.inner
-            .services
-            .read()
-            .expect("services lock")
-            .get(id)
-            .cloned()
+        self.with_service(id, ServiceRecord::clone)
     }
 
     /// Runs `f` on a live service's record without cloning it (hot read path of the API).
@@ -479,7 +480,7 @@ impl Engine {
             .read()
             .expect("services lock")
             .get(id)
-            .map(f)
+            .map(|record| f(record))
     }
 
     /// Every live service, oldest first.
@@ -490,7 +491,7 @@ impl Engine {
             .read()
             .expect("services lock")
             .values()
-            .cloned()
+            .map(|record| ServiceRecord::clone(record))
             .collect();
         all.sort_by(|a, b| {
             a.created_at
@@ -641,14 +642,15 @@ impl Engine {
         action: &str,
         trigger: Trigger,
         change: impl FnOnce(&mut ServiceRecord),
-    ) -> Result<(Ack, ServiceRecord)> {
+    ) -> Result<(Ack, Arc<ServiceRecord>)> {
         let mut services = self.inner.services.write().expect("services lock");
-        let record = services
+        let entry = services
             .get_mut(id)
             .ok_or_else(|| Error::NotFound(id.to_string()))?;
-        let to = phase::next(record.phase, trigger).map_err(|e| Error::Config(e.to_string()))?;
-        let previous = record.clone();
-        let from = record.phase;
+        let to = phase::next(entry.phase, trigger).map_err(|e| Error::Config(e.to_string()))?;
+        let previous = Arc::clone(entry);
+        let from = entry.phase;
+        let record = Arc::make_mut(entry);
         change(record);
         record.generation += 1;
         record.phase = to;
@@ -670,15 +672,15 @@ impl Engine {
         {
             token.cancel();
         }
-        let ack = self.inner.store.save(record);
+        let ack = self.inner.store.save(entry);
         self.emit(
-            record,
+            entry,
             EventKind::Accepted {
                 action: action.into(),
             },
         );
         self.emit(
-            record,
+            entry,
             EventKind::Transition {
                 from: Some(from),
                 to,
@@ -693,7 +695,7 @@ impl Engine {
     /// Puts back the record as it was before a request whose store write failed (a full disk):
     /// the client was told it failed, so nothing of it may remain. The superseded run was
     /// cancelled, so the service is queued to converge on its previous spec again.
-    fn roll_back(&self, previous: ServiceRecord) {
+    fn roll_back(&self, previous: Arc<ServiceRecord>) {
         let id = previous.id.clone();
         {
             let mut services = self.inner.services.write().expect("services lock");
@@ -740,7 +742,7 @@ impl Engine {
         if record.generation != generation {
             return Ok(None);
         }
-        let event = apply_trigger(record, trigger, failure, change)?;
+        let event = apply_trigger(Arc::make_mut(record), trigger, failure, change)?;
         let to = record.phase;
         let ack = self.inner.store.save(record);
         if let Some(event) = event {
@@ -1153,8 +1155,9 @@ impl Engine {
                     .get_mut(&record.id)
                     .filter(|r| r.generation == generation)
                 {
-                    r.reason = Some(failure.error.reason.as_str());
-                    r.message = Some(message.clone());
+                    let record = Arc::make_mut(r);
+                    record.reason = Some(failure.error.reason.as_str());
+                    record.message = Some(message.clone());
                     drop(self.inner.store.save(r));
                 }
                 Outcome::Retry(message)
@@ -1364,7 +1367,7 @@ struct RunObserver {
 
 impl RunObserver {
     /// Runs `f` on this run's record if it is still at this run's generation.
-    fn with_record(&self, f: impl FnOnce(&Engine, &mut ServiceRecord)) {
+    fn with_record(&self, f: impl FnOnce(&Engine, &mut Arc<ServiceRecord>)) {
         let Some(inner) = self.engine.upgrade() else {
             return;
         };
@@ -1381,10 +1384,11 @@ impl RunObserver {
 
 /// A step got through after the runtime was unreachable: it answers again, so the outage is
 /// no longer the reason the service is not ready yet.
-fn runtime_back(engine: &Engine, record: &mut ServiceRecord) {
+fn runtime_back(engine: &Engine, record: &mut Arc<ServiceRecord>) {
     if record.reason == Some(FailureReason::RuntimeUnavailable.as_str())
         && matches!(record.phase, Phase::Initializing | Phase::Recovering)
-        && let Ok(Some(transition)) = apply_trigger(record, Trigger::Start, None, |_| {})
+        && let Ok(Some(transition)) =
+            apply_trigger(Arc::make_mut(record), Trigger::Start, None, |_| {})
     {
         drop(engine.inner.store.save(record));
         engine.emit(record, transition);
@@ -1392,10 +1396,11 @@ fn runtime_back(engine: &Engine, record: &mut ServiceRecord) {
 }
 
 /// A pending service whose blocking step got through is initializing again.
-fn unblock(engine: &Engine, record: &mut ServiceRecord, step: &str) {
+fn unblock(engine: &Engine, record: &mut Arc<ServiceRecord>, step: &str) {
     if record.phase == Phase::Pending
         && record.blocked_step.as_deref() == Some(step)
-        && let Ok(Some(transition)) = apply_trigger(record, Trigger::Start, None, |_| {})
+        && let Ok(Some(transition)) =
+            apply_trigger(Arc::make_mut(record), Trigger::Start, None, |_| {})
     {
         drop(engine.inner.store.save(record));
         engine.emit(record, transition);
@@ -1412,7 +1417,7 @@ impl PipelineObserver for RunObserver {
             // Teardown steps are events only; the record shows the deploy steps of this
             // generation.
             if record.desired == Desired::Present {
-                record.steps = steps.to_vec();
+                Arc::make_mut(record).steps = steps.to_vec();
                 if !matches!(event, EventKind::StepProgress { .. }) {
                     drop(engine.inner.store.save(record));
                 }
@@ -1437,8 +1442,9 @@ impl PipelineObserver for RunObserver {
             if record.reason == reason && record.message == message {
                 return;
             }
-            record.reason = reason;
-            record.message = message;
+            let changed = Arc::make_mut(record);
+            changed.reason = reason;
+            changed.message = message;
             drop(engine.inner.store.save(record));
         });
     }

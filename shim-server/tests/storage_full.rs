@@ -25,7 +25,7 @@ fn enospc() -> Ack {
 
 #[async_trait::async_trait]
 impl Store for FullDisk {
-    fn save(&self, _: &ServiceRecord) -> Ack {
+    fn save(&self, _: &std::sync::Arc<ServiceRecord>) -> Ack {
         enospc()
     }
     fn append_event(&self, _: &Event) -> Ack {

@@ -154,7 +154,7 @@ pub enum ClusterChange {
     },
     /// Another replica wrote this record (its request, or the leader's progress): hand it to
     /// [`shim_core::Engine::mirror`].
-    Record(Box<ServiceRecord>),
+    Record(Arc<ServiceRecord>),
 }
 
 impl ClusterChange {
@@ -188,7 +188,7 @@ fn revision(rv: Option<&str>) -> Option<u64> {
 }
 
 enum Job {
-    Save(Box<ServiceRecord>, oneshot::Sender<shim_core::Result<()>>),
+    Save(Arc<ServiceRecord>, oneshot::Sender<shim_core::Result<()>>),
     Event(Box<Event>),
 }
 
@@ -196,8 +196,9 @@ struct Inner {
     api: Api<ModelService>,
     kube_events: Api<KubeEvent>,
     namespace: String,
-    /// Every record this process knows, deleted ones included (as history).
-    records: Mutex<HashMap<String, ServiceRecord>>,
+    /// Every record this process knows, deleted ones included (as history); live ones are
+    /// shared with the engine.
+    records: Mutex<HashMap<String, Arc<ServiceRecord>>>,
     events: EventHistory,
     /// What was last seen of each resource, by name.
     seen: Mutex<HashMap<String, Seen>>,
@@ -509,16 +510,12 @@ pub fn owner_uid(origin: &str, namespace: &str, name: &str) -> Option<String> {
 
 #[async_trait]
 impl Store for KubeStore {
-    fn save(&self, record: &ServiceRecord) -> Ack {
+    fn save(&self, record: &Arc<ServiceRecord>) -> Ack {
         if let Ok(mut records) = self.inner.records.lock() {
-            records.insert(record.id.clone(), record.clone());
+            records.insert(record.id.clone(), Arc::clone(record));
         }
         let (tx, rx) = oneshot::channel();
-        if self
-            .writer
-            .send(Job::Save(Box::new(record.clone()), tx))
-            .is_err()
-        {
+        if self.writer.send(Job::Save(Arc::clone(record), tx)).is_err() {
             return Box::pin(async { Err(store_err(KubeStoreError::Stopped)) });
         }
         Box::pin(async move { rx.await.unwrap_or(Err(store_err(KubeStoreError::Stopped))) })
@@ -562,7 +559,7 @@ impl Store for KubeStore {
                 continue;
             }
             if let Ok(mut records) = self.inner.records.lock() {
-                records.insert(name, record.clone());
+                records.insert(name, Arc::new(record.clone()));
             }
             if record.is_live() {
                 live.push(record);
@@ -577,7 +574,7 @@ impl Store for KubeStore {
             .records
             .lock()
             .ok()
-            .and_then(|r| r.get(id).cloned())
+            .and_then(|r| r.get(id).map(|record| ServiceRecord::clone(record)))
         {
             return Ok(Some(record));
         }
@@ -668,16 +665,17 @@ async fn write_loop(
             batch.push(job);
         }
         let mut order: Vec<String> = Vec::new();
-        let mut saves: HashMap<String, (ServiceRecord, Vec<oneshot::Sender<_>>)> = HashMap::new();
+        let mut saves: HashMap<String, (Arc<ServiceRecord>, Vec<oneshot::Sender<_>>)> =
+            HashMap::new();
         let mut events = Vec::new();
         for job in batch {
             match job {
                 Job::Save(record, ack) => {
                     let entry = saves.entry(record.id.clone()).or_insert_with(|| {
                         order.push(record.id.clone());
-                        ((*record).clone(), Vec::new())
+                        (Arc::clone(&record), Vec::new())
                     });
-                    entry.0 = *record;
+                    entry.0 = record;
                     entry.1.push(ack);
                 }
                 Job::Event(event) => events.push(event),
@@ -734,7 +732,7 @@ fn resave_later(inner: &Arc<Inner>, id: &str, requeue: mpsc::WeakUnboundedSender
         if let (Some(record), Some(writer)) = (newest, requeue.upgrade()) {
             // Nobody waits for this write: its acknowledgement is dropped.
             let (ack, _) = oneshot::channel();
-            let _ = writer.send(Job::Save(Box::new(record), ack));
+            let _ = writer.send(Job::Save(record, ack));
         }
     });
 }
@@ -880,10 +878,11 @@ async fn superseded(inner: &Inner, record: &ServiceRecord) -> Result<bool, KubeS
     match newer {
         Some(theirs) => {
             tracing::info!(id = %name, generation = theirs.generation, "another replica wrote a newer request; following it");
+            let theirs = Arc::new(theirs);
             if let Ok(mut records) = inner.records.lock() {
-                records.insert(name.to_string(), theirs.clone());
+                records.insert(name.to_string(), Arc::clone(&theirs));
             }
-            let _ = inner.adopt_tx.send(ClusterChange::Record(Box::new(theirs)));
+            let _ = inner.adopt_tx.send(ClusterChange::Record(theirs));
             Ok(true)
         }
         None => Ok(false),
@@ -1074,14 +1073,14 @@ fn change_of(inner: &Inner, deleted: bool, object: &ModelService) -> Vec<Cluster
         if let Ok(mut seen) = inner.seen.lock() {
             seen.remove(&name);
         }
-        return match known.filter(ServiceRecord::is_live) {
+        return match known.filter(|record| record.is_live()) {
             // A teardown done (by the leader, maybe another replica): the service is gone.
             Some(mut record) if record.desired == shim_core::Desired::Absent => {
-                record.phase = Phase::Deleted;
+                Arc::make_mut(&mut record).phase = Phase::Deleted;
                 if let Ok(mut records) = inner.records.lock() {
-                    records.insert(name, record.clone());
+                    records.insert(name, Arc::clone(&record));
                 }
-                vec![ClusterChange::Record(Box::new(record))]
+                vec![ClusterChange::Record(record)]
             }
             // Gone without the finalizer's wait (someone removed it): remove the workload.
             Some(_) => {
@@ -1099,15 +1098,16 @@ fn change_of(inner: &Inner, deleted: bool, object: &ModelService) -> Vec<Cluster
     if newer
         && let Some(theirs) = theirs
         && theirs.id == name
-        && known.as_ref() != Some(&theirs)
+        && known.as_deref() != Some(&theirs)
         && known
             .as_ref()
             .is_none_or(|k| theirs.generation >= k.generation)
     {
+        let theirs = Arc::new(theirs);
         if let Ok(mut records) = inner.records.lock() {
-            records.insert(name.clone(), theirs.clone());
+            records.insert(name.clone(), Arc::clone(&theirs));
         }
-        changes.push(ClusterChange::Record(Box::new(theirs)));
+        changes.push(ClusterChange::Record(theirs));
     }
     let seen = inner
         .seen
@@ -1236,7 +1236,7 @@ mod tests {
             .records
             .lock()
             .unwrap()
-            .insert("abc".into(), mine.clone());
+            .insert("abc".into(), Arc::new(mine.clone()));
 
         // Its own write, as the API server answered it and then through the watch: nothing.
         let object = at_version(written(&mine), 7);
@@ -1277,7 +1277,7 @@ mod tests {
             .records
             .lock()
             .unwrap()
-            .insert("abc".into(), terminating.clone());
+            .insert("abc".into(), Arc::new(terminating.clone()));
         assert_eq!(change_of(&inner, false, &deleting), vec![], "asked twice");
         assert_eq!(
             owner_uid("https://owner-test", "ns", "abc"),
@@ -1305,7 +1305,7 @@ mod tests {
             .records
             .lock()
             .unwrap()
-            .insert("abc".into(), mine.clone());
+            .insert("abc".into(), Arc::new(mine.clone()));
         assert_eq!(
             change_of(&inner, true, &written(&mine)),
             vec![ClusterChange::Delete { id: "abc".into() }]
@@ -1321,7 +1321,7 @@ mod tests {
             .records
             .lock()
             .unwrap()
-            .insert("abc".into(), mine.clone());
+            .insert("abc".into(), Arc::new(mine.clone()));
         remember(&inner, &at_version(written(&mine), 5), Some(&mine), true);
 
         // The leader's progress on the same generation, written after this process's write.
@@ -1468,7 +1468,7 @@ mod tests {
             .await
             .expect("start");
         let err = store
-            .save(&record("abc", 1))
+            .save(&Arc::new(record("abc", 1)))
             .await
             .expect_err("the API server is down");
         assert!(

@@ -14,6 +14,8 @@
 //! every service; on losing it, it cancels its pipeline runs at once, since another engine may
 //! already be running them.
 
+use std::sync::Arc;
+
 use chrono::Utc;
 
 use super::Engine;
@@ -90,7 +92,8 @@ impl Engine {
 
     /// Takes a record another engine on the same store wrote (the store's watch saw it). Returns
     /// whether it changed what this engine holds. See the module docs for who takes what.
-    pub fn mirror(&self, theirs: ServiceRecord) -> bool {
+    pub fn mirror(&self, theirs: impl Into<Arc<ServiceRecord>>) -> bool {
+        let theirs: Arc<ServiceRecord> = theirs.into();
         let leader = self.is_leader();
         let mut services = self.inner.services.write().expect("services lock");
         let mine = services.get(&theirs.id);
@@ -100,7 +103,7 @@ impl Engine {
                 theirs.generation > mine.generation
             }
             Some(mine) if leader => theirs.spec != mine.spec || theirs.desired != mine.desired,
-            Some(mine) => &theirs != mine,
+            Some(mine) => theirs != *mine,
         };
         if !take {
             return false;

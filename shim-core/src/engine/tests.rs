@@ -547,7 +547,7 @@ impl FullDisk {
 
 #[async_trait::async_trait]
 impl Store for FullDisk {
-    fn save(&self, record: &ServiceRecord) -> crate::store::Ack {
+    fn save(&self, record: &std::sync::Arc<ServiceRecord>) -> crate::store::Ack {
         if self.room.load(std::sync::atomic::Ordering::SeqCst) {
             return self.inner.save(record);
         }

@@ -1,7 +1,7 @@
 //! A store that keeps everything in memory: for tests and embedders who persist elsewhere.
 
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
 
@@ -13,7 +13,7 @@ use crate::record::ServiceRecord;
 /// In-memory [`Store`]; nothing survives the process.
 #[derive(Debug)]
 pub struct MemoryStore {
-    records: Mutex<HashMap<String, ServiceRecord>>,
+    records: Mutex<HashMap<String, Arc<ServiceRecord>>>,
     events: EventHistory,
 }
 
@@ -35,11 +35,11 @@ impl Default for MemoryStore {
 
 #[async_trait]
 impl Store for MemoryStore {
-    fn save(&self, record: &ServiceRecord) -> Ack {
+    fn save(&self, record: &Arc<ServiceRecord>) -> Ack {
         self.records
             .lock()
             .expect("store lock")
-            .insert(record.id.clone(), record.clone());
+            .insert(record.id.clone(), Arc::clone(record));
         Box::pin(async { Ok(()) })
     }
 
@@ -55,12 +55,17 @@ impl Store for MemoryStore {
             .expect("store lock")
             .values()
             .filter(|r| r.is_live())
-            .cloned()
+            .map(|r| ServiceRecord::clone(r))
             .collect())
     }
 
     async fn get(&self, id: &str) -> Result<Option<ServiceRecord>> {
-        Ok(self.records.lock().expect("store lock").get(id).cloned())
+        Ok(self
+            .records
+            .lock()
+            .expect("store lock")
+            .get(id)
+            .map(|r| ServiceRecord::clone(r)))
     }
 
     async fn events(&self, id: &str, limit: usize) -> Result<Vec<Event>> {

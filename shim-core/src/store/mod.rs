@@ -5,6 +5,8 @@ mod history;
 mod memory;
 mod redb_file;
 
+use std::sync::Arc;
+
 use async_trait::async_trait;
 use futures::future::BoxFuture;
 
@@ -26,8 +28,9 @@ pub type Ack = BoxFuture<'static, Result<()>>;
 /// [`Ack`] says when the write is durable.
 #[async_trait]
 pub trait Store: Send + Sync + 'static {
-    /// Writes (or overwrites) a service record.
-    fn save(&self, record: &ServiceRecord) -> Ack;
+    /// Writes (or overwrites) a service record. A store that keeps records in memory keeps
+    /// this `Arc`, shared with the engine, rather than a copy.
+    fn save(&self, record: &Arc<ServiceRecord>) -> Ack;
 
     /// Appends to a service's event history, dropping the oldest beyond the configured bound.
     fn append_event(&self, event: &Event) -> Ack;

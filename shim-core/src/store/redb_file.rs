@@ -198,8 +198,8 @@ fn commit(db: &Database, writes: &[&Write], history: u64) -> std::result::Result
 
 #[async_trait]
 impl Store for RedbStore {
-    fn save(&self, record: &ServiceRecord) -> Ack {
-        match serde_json::to_vec(record) {
+    fn save(&self, record: &Arc<ServiceRecord>) -> Ack {
+        match serde_json::to_vec(&**record) {
             Ok(bytes) => self.enqueue(Write::Record {
                 id: record.id.clone(),
                 bytes,
@@ -317,8 +317,8 @@ mod tests {
             let mut gone =
                 ServiceRecord::new("aaaa0002".into(), DeploySpec::named("old"), Utc::now());
             gone.phase = Phase::Deleted;
-            store.save(&live).await.unwrap();
-            store.save(&gone).await.unwrap();
+            store.save(&Arc::new(live)).await.unwrap();
+            store.save(&Arc::new(gone)).await.unwrap();
             for n in 1..=5 {
                 store.append_event(&event("aaaa0001", n)).await.unwrap();
             }
@@ -364,7 +364,7 @@ mod tests {
         let mut acks = Vec::new();
         for generation in 1..=50 {
             record.generation = generation;
-            acks.push(store.save(&record));
+            acks.push(store.save(&Arc::new(record.clone())));
         }
         for ack in acks {
             ack.await.unwrap();
@@ -378,7 +378,7 @@ mod tests {
         let store = RedbStore::open(&path, 10).unwrap();
         for i in 0..50u32 {
             let record = ServiceRecord::new(format!("{i:08x}"), DeploySpec::named("m"), Utc::now());
-            store.save(&record).await.unwrap();
+            store.save(&Arc::new(record)).await.unwrap();
         }
         drop(store);
         // The writer thread lets go of the file once it sees the store is gone.
