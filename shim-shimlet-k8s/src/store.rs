@@ -313,7 +313,14 @@ impl KubeStore {
         let (adopt_tx, adopt_rx) = mpsc::unbounded_channel();
         let inner = Inner::registered(client, namespace, history, origin, adopt_tx);
         let (writer, jobs) = mpsc::unbounded_channel();
-        tokio::spawn(write_loop(inner.clone(), jobs, writer.downgrade()));
+        let (publisher, events) = mpsc::unbounded_channel();
+        tokio::spawn(write_loop(
+            inner.clone(),
+            jobs,
+            writer.downgrade(),
+            publisher,
+        ));
+        tokio::spawn(event_loop(inner.clone(), events));
         tokio::spawn(watch_loop(inner.clone()));
         Ok(Self {
             inner,
@@ -649,7 +656,8 @@ fn remember(
 
 /// Applies queued writes in order. Each batch is what has queued meanwhile: per service only the
 /// newest record is written (the earlier ones' acknowledgements wait for it), services in
-/// parallel, then the batch's Kubernetes Events.
+/// parallel; then the batch's Kubernetes Events go to [`event_loop`], after the writes so
+/// that a new resource's first Event can name its uid, but without holding up the next batch.
 ///
 /// A failed write is reported to its callers and, so the resource does not keep a stale status
 /// when no later change comes (an API server outage during the last transition), the service's
@@ -658,6 +666,7 @@ async fn write_loop(
     inner: Arc<Inner>,
     mut jobs: mpsc::UnboundedReceiver<Job>,
     requeue: mpsc::WeakUnboundedSender<Job>,
+    publisher: mpsc::UnboundedSender<Vec<Event>>,
 ) {
     while let Some(first) = jobs.recv().await {
         let mut batch = vec![first];
@@ -678,7 +687,7 @@ async fn write_loop(
                     entry.0 = record;
                     entry.1.push(ack);
                 }
-                Job::Event(event) => events.push(event),
+                Job::Event(event) => events.push(*event),
             }
         }
         let writes = order
@@ -704,11 +713,49 @@ async fn write_loop(
             .buffer_unordered(PARALLEL)
             .collect::<Vec<()>>()
             .await;
-        for event in events {
-            if let Err(err) = publish(&inner, &event).await {
-                tracing::debug!(error = %err, "cannot create a Kubernetes Event");
-            }
+        if !events.is_empty() {
+            let _ = publisher.send(events);
         }
+    }
+}
+
+/// Creates the Kubernetes Events the writer hands over: each service's in order, services in
+/// parallel. Everything queued meanwhile goes in one round, so a burst of transitions (1,000
+/// deploys) costs a few rounds, not one request after another.
+async fn event_loop(inner: Arc<Inner>, mut batches: mpsc::UnboundedReceiver<Vec<Event>>) {
+    while let Some(first) = batches.recv().await {
+        let mut queued = first;
+        while let Ok(more) = batches.try_recv() {
+            queued.extend(more);
+        }
+        let mut order: Vec<String> = Vec::new();
+        let mut per_service: HashMap<String, Vec<Event>> = HashMap::new();
+        for event in queued {
+            per_service
+                .entry(event.service_id.clone())
+                .or_insert_with(|| {
+                    order.push(event.service_id.clone());
+                    Vec::new()
+                })
+                .push(event);
+        }
+        let rounds = order
+            .into_iter()
+            .filter_map(|id| per_service.remove(&id))
+            .map(|events| {
+                let inner = inner.clone();
+                async move {
+                    for event in events {
+                        if let Err(err) = publish(&inner, &event).await {
+                            tracing::debug!(error = %err, "cannot create a Kubernetes Event");
+                        }
+                    }
+                }
+            });
+        futures::stream::iter(rounds)
+            .buffer_unordered(PARALLEL)
+            .collect::<Vec<()>>()
+            .await;
     }
 }
 
