@@ -57,6 +57,7 @@ mod client;
 mod config;
 pub mod crd;
 mod errors;
+mod kept;
 pub mod lease;
 mod names;
 pub mod nodes;
@@ -65,7 +66,6 @@ mod render;
 mod shimlet;
 pub mod status;
 pub mod store;
-mod trim;
 mod view;
 
 use std::sync::Arc;

@@ -269,8 +269,8 @@ impl Inner {
     fn names_in_view(&self, service_id: &str) -> (Vec<String>, Vec<String>) {
         self.view.with_objects(service_id, |o| {
             (
-                o.deployments.keys().cloned().collect(),
-                o.services.keys().cloned().collect(),
+                o.deployments.iter().map(|d| d.name.to_string()).collect(),
+                o.services.iter().map(|s| s.name.to_string()).collect(),
             )
         })
     }
@@ -431,9 +431,9 @@ impl Shimlet for K8sShimlet {
         let inner = &self.inner;
         let pods: Vec<String> = inner.view.with_objects(service_id, |o| {
             o.pods
-                .values()
-                .filter(|p| p.metadata.deletion_timestamp.is_none())
-                .filter_map(|p| p.metadata.name.clone())
+                .iter()
+                .filter(|p| !p.deleting)
+                .map(|p| p.name.to_string())
                 .collect()
         });
         if pods.is_empty() {

@@ -1,6 +1,8 @@
 //! From cluster objects to a [`WorkloadObservation`]: a pure function of what the watches last
-//! delivered (the Deployment, its Service and its pods) and of what this shimlet last applied.
-//! It never calls the API server, which is why `observe` is cheap enough for every status read.
+//! delivered (the Deployment, its Service and its pods, as the view keeps them: the few facts of
+//! each that these rules read, [`DeploymentFacts`], [`ServiceFacts`] and [`PodFacts`]) and of what
+//! this shimlet last applied. It never calls the API server, which is why `observe` is cheap
+//! enough for every status read.
 //!
 //! The rules, in order:
 //! 1. No Deployment: `Missing` (or `Starting` when our own apply has not reached the watch yet).
@@ -21,15 +23,15 @@
 //!    `ReplicaFailure` (quota: `Pending`; anything else, e.g. an admission denial: `Failed`).
 //! 6. Else `Starting`: scheduled, pulling, or loading the model.
 
-use std::collections::BTreeMap;
-use std::sync::Arc;
-
 use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::core::v1::{ContainerStatus, Pod, Service};
 use shim_core::shimlet::Failure;
 use shim_core::{FailureReason, WorkloadObservation, WorkloadState};
 
 use crate::config::{EndpointMode, K8sConfig};
+pub use crate::kept::{
+    ByName, ContainerFacts, DeploymentFacts, LastExit, Named, PodFacts, ReplicaFailure, Rollout,
+    ServiceFacts, ServicePort,
+};
 use crate::names::ANNOTATION_GENERATION;
 
 /// Waiting reasons that mean the image cannot be pulled.
@@ -49,6 +51,13 @@ const CREATE_REASONS: &[&str] = &[
     "PreCreateHookError",
     "PreStartHookError",
 ];
+/// The waiting reason of a crash loop.
+const CRASH_LOOP: &str = "CrashLoopBackOff";
+
+/// Whether a rule reads a container that waits for `reason`: the view keeps no other container.
+pub(crate) fn reason_read(reason: &str) -> bool {
+    reason == CRASH_LOOP || IMAGE_PULL_REASONS.contains(&reason) || CREATE_REASONS.contains(&reason)
+}
 
 /// What this shimlet knows of its own last apply of a service (nothing the cluster holds).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -79,15 +88,16 @@ impl ApplyMark {
     }
 }
 
-/// The objects of one service, as the watches last delivered them, by name.
+/// The objects of one service, as the watches last delivered them (what the view keeps of
+/// them), by name.
 #[derive(Debug, Clone, Default)]
 pub struct ServiceObjects {
     /// Deployments labelled with the service id (one, or two briefly after a model rename).
-    pub deployments: BTreeMap<String, Arc<Deployment>>,
+    pub deployments: ByName<DeploymentFacts>,
     /// Services labelled with the service id.
-    pub services: BTreeMap<String, Arc<Service>>,
+    pub services: ByName<ServiceFacts>,
     /// Pods labelled with the service id.
-    pub pods: BTreeMap<String, Arc<Pod>>,
+    pub pods: ByName<PodFacts>,
 }
 
 impl ServiceObjects {
@@ -98,36 +108,26 @@ impl ServiceObjects {
 
     /// The service's Deployment: the live one applied from the newest spec generation (another
     /// one is left over from a renamed model and about to be deleted).
-    pub fn deployment(&self) -> Option<&Deployment> {
+    pub fn deployment(&self) -> Option<&DeploymentFacts> {
         self.deployments
-            .values()
-            .filter(|d| d.metadata.deletion_timestamp.is_none())
-            .max_by_key(|d| spec_generation(d).unwrap_or(0))
-            .map(Arc::as_ref)
+            .iter()
+            .filter(|d| !d.deleting)
+            .max_by_key(|d| d.spec_generation.unwrap_or(0))
     }
 
     /// The live Service called `name`.
-    pub fn service(&self, name: &str) -> Option<&Service> {
-        self.services
-            .get(name)
-            .filter(|s| s.metadata.deletion_timestamp.is_none())
-            .map(Arc::as_ref)
+    pub fn service(&self, name: &str) -> Option<&ServiceFacts> {
+        self.services.get(name).filter(|s| !s.deleting)
     }
 
-    /// Live pods of the Deployment called `name` (pod names are `<deployment>-<hash>-<suffix>`).
-    pub fn pods_of<'a>(&'a self, name: &'a str) -> impl Iterator<Item = &'a Pod> + 'a {
+    /// Live pods of the Deployment called `name` (pod names are `<deployment>-<hash>-<suffix>`):
+    /// neither being deleted nor finished.
+    pub fn pods_of<'a>(&'a self, name: &'a str) -> impl Iterator<Item = &'a PodFacts> + 'a {
         let prefix = format!("{name}-");
         self.pods
             .iter()
-            .filter(move |(pod_name, _)| pod_name.starts_with(&prefix))
-            .map(|(_, pod)| pod.as_ref())
-            .filter(|pod| {
-                pod.metadata.deletion_timestamp.is_none()
-                    && !matches!(
-                        pod.status.as_ref().and_then(|s| s.phase.as_deref()),
-                        Some("Succeeded" | "Failed")
-                    )
-            })
+            .filter(move |pod| pod.name.starts_with(&prefix))
+            .filter(|pod| !pod.deleting && !pod.finished)
     }
 }
 
@@ -164,20 +164,15 @@ impl EndpointResolver {
         }
     }
 
-    /// The base URL for `service` (whose ready pods are `pods`), or why there is none yet.
+    /// The base URL for `service` (whose live pods are `pods`), or why there is none yet.
     pub fn address(
         &self,
-        service: &Service,
-        pods: &[&Pod],
+        service: &ServiceFacts,
+        pods: &[&PodFacts],
         service_id: &str,
     ) -> Result<String, String> {
-        let name = service.metadata.name.as_deref().unwrap_or_default();
-        let port = service
-            .spec
-            .as_ref()
-            .and_then(|s| s.ports.as_ref())
-            .and_then(|p| p.first());
-        let Some(port) = port else {
+        let name = &*service.name;
+        let Some(port) = service.port else {
             return Err(format!("Service {name} has no port"));
         };
         match self.mode {
@@ -194,26 +189,17 @@ impl EndpointResolver {
                     None => pods
                         .iter()
                         .filter(|p| pod_ready(p))
-                        .find_map(|p| p.status.as_ref()?.host_ip.clone())
+                        .find_map(|p| p.host_ip.as_deref().map(str::to_string))
                         .ok_or_else(|| "no ready pod to take a node address from".to_string())?,
                 };
                 Ok(http_url(&host, node_port))
             }
-            EndpointMode::LoadBalancer => {
-                let ingress = service
-                    .status
-                    .as_ref()
-                    .and_then(|s| s.load_balancer.as_ref())
-                    .and_then(|lb| lb.ingress.as_ref())
-                    .and_then(|i| i.first())
-                    .and_then(|i| i.ip.clone().or_else(|| i.hostname.clone()));
-                match ingress {
-                    Some(host) => Ok(http_url(&host, port.port)),
-                    None => Err(format!(
-                        "waiting for the load balancer of Service {name} to get an address"
-                    )),
-                }
-            }
+            EndpointMode::LoadBalancer => match &service.ingress {
+                Some(host) => Ok(http_url(host, port.port)),
+                None => Err(format!(
+                    "waiting for the load balancer of Service {name} to get an address"
+                )),
+            },
             EndpointMode::External => {
                 let base = self.external_base_url.as_deref().unwrap_or_default();
                 Ok(base
@@ -261,29 +247,19 @@ pub fn observe(
             _ => WorkloadObservation::missing(),
         };
     };
-    let name = deployment.metadata.name.as_deref().unwrap_or_default();
-    let desired = count(
-        deployment
-            .spec
-            .as_ref()
-            .and_then(|s| s.replicas)
-            .unwrap_or(1),
-    );
-    let ready = deployment
-        .status
-        .as_ref()
-        .and_then(|s| s.ready_replicas)
-        .unwrap_or(0);
+    let name = &*deployment.name;
+    let desired = count(deployment.replicas);
+    let ready = deployment.rollout.map_or(0, |r| r.ready_replicas);
     let mut seen = WorkloadObservation {
         state: WorkloadState::Starting,
         ready_replicas: count(ready),
         desired_replicas: desired,
         address: None,
         replica_addresses: Vec::new(),
-        generation: spec_generation(deployment),
+        generation: deployment.spec_generation,
         failure: None,
     };
-    let object_generation = deployment.metadata.generation.unwrap_or(0);
+    let object_generation = deployment.generation.unwrap_or(0);
     if let Some(m) = mark {
         if m.in_flight || (!m.seen && object_generation < m.object_generation) {
             // The view still shows the spec before our apply.
@@ -315,7 +291,7 @@ pub fn observe(
             seen.state = WorkloadState::Ready;
             return seen;
         }
-        let pods: Vec<&Pod> = objects.pods_of(name).collect();
+        let pods: Vec<&PodFacts> = objects.pods_of(name).collect();
         if let Ok(address) = endpoints.address(service, &pods, service_id) {
             seen.state = WorkloadState::Ready;
             // The Service balances over the pods; the gateway sees it as one replica.
@@ -324,7 +300,7 @@ pub fn observe(
         }
         return seen;
     }
-    let pods: Vec<&Pod> = objects.pods_of(name).collect();
+    let pods: Vec<&PodFacts> = objects.pods_of(name).collect();
     let said = pods_failure(&pods, max_restarts);
     if let Some((state @ (WorkloadState::Failed | WorkloadState::Pending), failure)) = said {
         seen.state = state;
@@ -347,21 +323,20 @@ fn count(n: i32) -> u32 {
 
 /// `kubectl rollout status`'s test, plus readiness: the controller has seen the newest spec,
 /// every wanted replica runs it and is ready, and no replica of an older spec is left.
-fn rollout_complete(deployment: &Deployment, desired: u32) -> bool {
-    let Some(status) = &deployment.status else {
+fn rollout_complete(deployment: &DeploymentFacts, desired: u32) -> bool {
+    let Some(status) = &deployment.rollout else {
         return false;
     };
-    let observed =
-        status.observed_generation.unwrap_or(0) >= deployment.metadata.generation.unwrap_or(0);
-    let updated = count(status.updated_replicas.unwrap_or(0));
-    let total = count(status.replicas.unwrap_or(0));
-    let ready = count(status.ready_replicas.unwrap_or(0));
+    let observed = status.observed_generation >= deployment.generation.unwrap_or(0);
+    let updated = count(status.updated_replicas);
+    let total = count(status.replicas);
+    let ready = count(status.ready_replicas);
     observed && updated >= desired && total <= updated && ready >= desired
 }
 
 /// The most serious thing the pods report: a failure, then a pending pod, then a crash loop
 /// still within `max_restarts` (`Starting`).
-fn pods_failure(pods: &[&Pod], max_restarts: u32) -> Option<(WorkloadState, Failure)> {
+fn pods_failure(pods: &[&PodFacts], max_restarts: u32) -> Option<(WorkloadState, Failure)> {
     let rank = |state: WorkloadState| match state {
         WorkloadState::Failed => 0,
         WorkloadState::Pending => 1,
@@ -375,16 +350,10 @@ fn pods_failure(pods: &[&Pod], max_restarts: u32) -> Option<(WorkloadState, Fail
 
 /// Why one pod cannot run, if it says: `Failed`, `Pending` (unschedulable), or `Starting` for a
 /// container in a crash loop that has restarted no more than `max_restarts` times.
-pub fn pod_failure(pod: &Pod, max_restarts: u32) -> Option<(WorkloadState, Failure)> {
-    let pod_name = pod.metadata.name.as_deref().unwrap_or_default();
-    let status = pod.status.as_ref()?;
-    let containers = status
-        .init_container_statuses
-        .iter()
-        .flatten()
-        .chain(status.container_statuses.iter().flatten());
+pub fn pod_failure(pod: &PodFacts, max_restarts: u32) -> Option<(WorkloadState, Failure)> {
+    let pod_name = &*pod.name;
     let mut retrying = None;
-    for container in containers {
+    for container in &pod.waiting {
         match container_failure(pod_name, container, max_restarts) {
             Some((WorkloadState::Starting, failure)) => {
                 retrying.get_or_insert((WorkloadState::Starting, failure));
@@ -396,31 +365,22 @@ pub fn pod_failure(pod: &Pod, max_restarts: u32) -> Option<(WorkloadState, Failu
     if retrying.is_some() {
         return retrying;
     }
-    let unschedulable = status.conditions.iter().flatten().find(|c| {
-        c.type_ == "PodScheduled"
-            && c.status == "False"
-            && c.reason.as_deref() == Some("Unschedulable")
-    })?;
     Some((
         WorkloadState::Pending,
         Failure {
             reason: FailureReason::Unschedulable,
-            message: unschedulable
-                .message
-                .clone()
-                .unwrap_or_else(|| format!("pod {pod_name} cannot be scheduled")),
+            message: pod.unschedulable.as_deref()?.to_string(),
         },
     ))
 }
 
 fn container_failure(
     pod: &str,
-    container: &ContainerStatus,
+    container: &ContainerFacts,
     max_restarts: u32,
 ) -> Option<(WorkloadState, Failure)> {
-    let waiting = container.state.as_ref()?.waiting.as_ref()?;
-    let reason = waiting.reason.as_deref()?;
-    let said = waiting.message.as_deref().unwrap_or_default().trim();
+    let reason = &*container.reason;
+    let said = container.message.trim();
     let name = &container.name;
     let failed = |reason, message| Some((WorkloadState::Failed, Failure { reason, message }));
     if IMAGE_PULL_REASONS.contains(&reason) {
@@ -435,7 +395,7 @@ fn container_failure(
             ),
         );
     }
-    if reason == "CrashLoopBackOff" {
+    if reason == CRASH_LOOP {
         let restarts = container.restart_count;
         // Past the limit the crash is the model's (or the spec's): fail. Within it the kubelet
         // keeps restarting the container, and the service keeps starting with the reason.
@@ -450,11 +410,7 @@ fn container_failure(
         } else {
             format!("{restarts} restarts of the {max_restarts} engine.maxRestarts allows")
         };
-        let last = container
-            .last_state
-            .as_ref()
-            .and_then(|s| s.terminated.as_ref());
-        let Some(last) = last else {
+        let Some(last) = &container.last_exit else {
             return Some((
                 state,
                 Failure {
@@ -466,8 +422,8 @@ fn container_failure(
                 },
             ));
         };
-        let exit = last.reason.as_deref().unwrap_or("Error");
-        let output = last.message.as_deref().unwrap_or_default().trim();
+        let exit = &*last.reason;
+        let output = last.message.trim();
         if looks_like_missing_binary(output) {
             // Restarting will not put the program into the image.
             return failed(
@@ -534,47 +490,24 @@ fn looks_like_missing_binary(text: &str) -> bool {
 }
 
 /// Whether a pod's `Ready` condition is true.
-pub fn pod_ready(pod: &Pod) -> bool {
-    pod.status
-        .as_ref()
-        .and_then(|s| s.conditions.as_ref())
-        .is_some_and(|conditions| {
-            conditions
-                .iter()
-                .any(|c| c.type_ == "Ready" && c.status == "True")
-        })
+pub fn pod_ready(pod: &PodFacts) -> bool {
+    pod.ready
 }
 
 /// What the Deployment's own conditions say when its pods say nothing.
-fn deployment_failure(deployment: &Deployment) -> Option<(WorkloadState, Failure)> {
-    let conditions = deployment.status.as_ref()?.conditions.as_ref()?;
-    let name = deployment.metadata.name.as_deref().unwrap_or_default();
-    if let Some(c) = conditions.iter().find(|c| {
-        c.type_ == "Progressing"
-            && c.status == "False"
-            && c.reason.as_deref() == Some("ProgressDeadlineExceeded")
-    }) {
+fn deployment_failure(deployment: &DeploymentFacts) -> Option<(WorkloadState, Failure)> {
+    let name = &*deployment.name;
+    if let Some(said) = &deployment.deadline_exceeded {
         return Some((
             WorkloadState::Failed,
             Failure {
                 reason: FailureReason::StartupTimeout,
-                message: join(
-                    format!("Deployment {name}: ProgressDeadlineExceeded"),
-                    c.message.as_deref().unwrap_or_default(),
-                ),
+                message: join(format!("Deployment {name}: ProgressDeadlineExceeded"), said),
             },
         ));
     }
-    let c = conditions
-        .iter()
-        .find(|c| c.type_ == "ReplicaFailure" && c.status == "True")?;
-    let message = join(
-        format!(
-            "Deployment {name}: {}",
-            c.reason.as_deref().unwrap_or("ReplicaFailure")
-        ),
-        c.message.as_deref().unwrap_or_default(),
-    );
+    let c = deployment.replica_failure.as_ref()?;
+    let message = join(format!("Deployment {name}: {}", c.reason), &c.message);
     // A full quota frees up when other workloads go; anything else (an admission webhook or a
     // pod security policy refusing the pod) will not change by waiting.
     if message.contains("exceeded quota") {

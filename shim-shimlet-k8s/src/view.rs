@@ -2,6 +2,10 @@
 //! Deployments, Services and Pods (label `app.kubernetes.io/managed-by=xmod-shim`) feed it, indexed
 //! by service id, and every change tells the engine through its [`Notifier`].
 //!
+//! Of each object the view keeps only a small projection ([`crate::kept`]): the facts the status
+//! rules, the drift checks and the shimlet read, never the k8s-openapi object itself. The
+//! service id comes from the object's labels as it arrives, so no label is kept either.
+//!
 //! With `replicaAddresses: pods` a fourth watcher follows the managed Services' EndpointSlices
 //! (the EndpointSlice controller copies a Service's labels onto its slices), of which the view
 //! keeps only the base URL of each ready endpoint: those are the replica addresses `observe`
@@ -11,7 +15,7 @@
 //! kube-runtime's protocol: objects arrive between `Init` and `InitDone` and replace that kind's
 //! objects in one step, so a read never sees a half-listed cluster.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap};
 use std::fmt::Debug;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, RwLock, Weak};
@@ -30,9 +34,9 @@ use shim_core::{Notifier, WorkloadObservation, WorkloadState};
 use tokio::task::AbortHandle;
 
 use crate::config::ReplicaAddresses;
-use crate::names::{ANNOTATION_GENERATION, MANAGED_SELECTOR, PORT_NAME, service_id_of};
+use crate::kept::{ByName, DeploymentFacts, Named, PodFacts, ServiceFacts};
+use crate::names::{MANAGED_SELECTOR, PORT_NAME, service_id_of};
 use crate::status::{self, ApplyMark, EndpointResolver, ServiceObjects};
-use crate::trim::trim;
 
 /// The kinds watched.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -72,50 +76,57 @@ pub(crate) trait Tracked:
 {
     const KIND: Kind;
     /// What the view keeps of one object.
-    type Kept: Debug + Send + Sync;
+    type Kept: Named + Debug + Send + Sync;
     fn keep(self) -> Self::Kept;
-    fn slot(entry: &mut Entry) -> &mut BTreeMap<String, Self::Kept>;
-    fn buffer(buffers: &mut Buffers) -> &mut Option<Vec<Self>>;
+    fn slot(entry: &mut Entry) -> &mut ByName<Self::Kept>;
+    fn buffer(buffers: &mut Buffers) -> &mut Listed<Self::Kept>;
+    /// A Deployment's `metadata.generation` and spec generation, which the apply marks follow.
+    fn generations(_kept: &Self::Kept) -> Option<(Option<i64>, Option<u64>)> {
+        None
+    }
 }
 
 impl Tracked for Deployment {
     const KIND: Kind = Kind::Deployment;
-    type Kept = Arc<Self>;
-    fn keep(self) -> Arc<Self> {
-        Arc::new(self)
+    type Kept = DeploymentFacts;
+    fn keep(self) -> DeploymentFacts {
+        self.into()
     }
-    fn slot(entry: &mut Entry) -> &mut BTreeMap<String, Arc<Self>> {
+    fn slot(entry: &mut Entry) -> &mut ByName<DeploymentFacts> {
         &mut entry.objects.deployments
     }
-    fn buffer(buffers: &mut Buffers) -> &mut Option<Vec<Self>> {
+    fn buffer(buffers: &mut Buffers) -> &mut Listed<DeploymentFacts> {
         &mut buffers.deployments
+    }
+    fn generations(kept: &DeploymentFacts) -> Option<(Option<i64>, Option<u64>)> {
+        Some((kept.generation, kept.spec_generation))
     }
 }
 
 impl Tracked for Service {
     const KIND: Kind = Kind::Service;
-    type Kept = Arc<Self>;
-    fn keep(self) -> Arc<Self> {
-        Arc::new(self)
+    type Kept = ServiceFacts;
+    fn keep(self) -> ServiceFacts {
+        self.into()
     }
-    fn slot(entry: &mut Entry) -> &mut BTreeMap<String, Arc<Self>> {
+    fn slot(entry: &mut Entry) -> &mut ByName<ServiceFacts> {
         &mut entry.objects.services
     }
-    fn buffer(buffers: &mut Buffers) -> &mut Option<Vec<Self>> {
+    fn buffer(buffers: &mut Buffers) -> &mut Listed<ServiceFacts> {
         &mut buffers.services
     }
 }
 
 impl Tracked for Pod {
     const KIND: Kind = Kind::Pod;
-    type Kept = Arc<Self>;
-    fn keep(self) -> Arc<Self> {
-        Arc::new(self)
+    type Kept = PodFacts;
+    fn keep(self) -> PodFacts {
+        self.into()
     }
-    fn slot(entry: &mut Entry) -> &mut BTreeMap<String, Arc<Self>> {
+    fn slot(entry: &mut Entry) -> &mut ByName<PodFacts> {
         &mut entry.objects.pods
     }
-    fn buffer(buffers: &mut Buffers) -> &mut Option<Vec<Self>> {
+    fn buffer(buffers: &mut Buffers) -> &mut Listed<PodFacts> {
         &mut buffers.pods
     }
 }
@@ -126,30 +137,42 @@ impl Tracked for EndpointSlice {
     fn keep(self) -> SliceAddresses {
         SliceAddresses::of(&self)
     }
-    fn slot(entry: &mut Entry) -> &mut BTreeMap<String, SliceAddresses> {
+    fn slot(entry: &mut Entry) -> &mut ByName<SliceAddresses> {
         &mut entry.slices
     }
-    fn buffer(buffers: &mut Buffers) -> &mut Option<Vec<Self>> {
+    fn buffer(buffers: &mut Buffers) -> &mut Listed<SliceAddresses> {
         &mut buffers.slices
     }
 }
 
+/// What a relist in progress delivered of one kind: each managed object's service id and what
+/// the view keeps of it; `None` when no relist is under way.
+pub(crate) type Listed<T> = Option<Vec<(String, T)>>;
+
 /// Objects of a relist in progress, per kind.
 #[derive(Default)]
 pub(crate) struct Buffers {
-    deployments: Option<Vec<Deployment>>,
-    services: Option<Vec<Service>>,
-    pods: Option<Vec<Pod>>,
-    slices: Option<Vec<EndpointSlice>>,
+    deployments: Listed<DeploymentFacts>,
+    services: Listed<ServiceFacts>,
+    pods: Listed<PodFacts>,
+    slices: Listed<SliceAddresses>,
 }
 
-/// All the view keeps of an EndpointSlice: its Service and its ready endpoints' base URLs.
+/// All the view keeps of an EndpointSlice: its name, its Service and its ready endpoints' base
+/// URLs.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub(crate) struct SliceAddresses {
+    name: Box<str>,
     /// The Service the slice belongs to (label `kubernetes.io/service-name`).
-    service: String,
+    service: Box<str>,
     /// `http://<address>:<port>` of every ready endpoint.
-    ready: Vec<String>,
+    ready: Box<[Box<str>]>,
+}
+
+impl Named for SliceAddresses {
+    fn name(&self) -> &str {
+        &self.name
+    }
 }
 
 impl SliceAddresses {
@@ -157,13 +180,15 @@ impl SliceAddresses {
     const SERVICE_NAME_LABEL: &'static str = "kubernetes.io/service-name";
 
     fn of(slice: &EndpointSlice) -> Self {
+        let name = slice.metadata.name.as_deref().unwrap_or_default().into();
         let service = slice
             .metadata
             .labels
             .as_ref()
             .and_then(|l| l.get(Self::SERVICE_NAME_LABEL))
-            .cloned()
-            .unwrap_or_default();
+            .map(String::as_str)
+            .unwrap_or_default()
+            .into();
         let ports = slice.ports.as_deref().unwrap_or_default();
         // The engine's port is the one named `http`; a Service with one unnamed port has it first.
         let port = ports
@@ -173,7 +198,7 @@ impl SliceAddresses {
             .and_then(|p| p.port);
         let ipv6 = slice.address_type == "IPv6";
         let ready = match port {
-            None => Vec::new(),
+            None => Box::default(),
             Some(port) => slice
                 .endpoints
                 .iter()
@@ -183,14 +208,18 @@ impl SliceAddresses {
                 .filter_map(|e| e.addresses.first())
                 .map(|address| {
                     if ipv6 {
-                        format!("http://[{address}]:{port}")
+                        format!("http://[{address}]:{port}").into()
                     } else {
-                        format!("http://{address}:{port}")
+                        format!("http://{address}:{port}").into()
                     }
                 })
                 .collect(),
         };
-        Self { service, ready }
+        Self {
+            name,
+            service,
+            ready,
+        }
     }
 }
 
@@ -199,7 +228,7 @@ impl SliceAddresses {
 pub(crate) struct Entry {
     objects: ServiceObjects,
     /// Its EndpointSlices, by name (`replicaAddresses: pods` only).
-    slices: BTreeMap<String, SliceAddresses>,
+    slices: ByName<SliceAddresses>,
     mark: Option<ApplyMark>,
 }
 
@@ -211,14 +240,14 @@ impl Entry {
     /// The ready pods' base URLs behind the Service of the live Deployment, sorted, each once
     /// (an endpoint may show in two slices while the controller moves it).
     fn pod_addresses(&self) -> Option<Vec<String>> {
-        let name = self.objects.deployment()?.metadata.name.as_deref()?;
-        let addresses: BTreeSet<&String> = self
+        let name = &self.objects.deployment()?.name;
+        let addresses: BTreeSet<&str> = self
             .slices
-            .values()
-            .filter(|s| s.service == name)
-            .flat_map(|s| &s.ready)
+            .iter()
+            .filter(|s| s.service == *name)
+            .flat_map(|s| s.ready.iter().map(AsRef::as_ref))
             .collect();
-        Some(addresses.into_iter().cloned().collect())
+        Some(addresses.into_iter().map(str::to_string).collect())
     }
 }
 
@@ -351,10 +380,11 @@ impl View {
         let Some(mark) = entry.mark else {
             return false;
         };
-        let deployment_untouched = entry.objects.deployments.get(name).is_some_and(|d| {
-            d.metadata.deletion_timestamp.is_none()
-                && d.metadata.generation == Some(mark.object_generation)
-        });
+        let deployment_untouched = entry
+            .objects
+            .deployments
+            .get(name)
+            .is_some_and(|d| !d.deleting && d.generation == Some(mark.object_generation));
         !mark.in_flight
             && mark.spec_generation == spec_generation
             && mark.replicas == replicas
@@ -404,7 +434,7 @@ impl View {
             .objects
             .deployments
             .get(name)
-            .and_then(|d| d.metadata.generation)
+            .and_then(|d| d.generation)
             .is_some_and(|g| g >= object_generation);
         entry.mark = Some(ApplyMark {
             object_generation,
@@ -444,9 +474,12 @@ impl View {
         match event {
             Event::Init => *K::buffer(&mut state.buffers) = Some(Vec::new()),
             Event::InitApply(object) => {
-                K::buffer(&mut state.buffers)
-                    .get_or_insert_with(Vec::new)
-                    .push(trim(object));
+                // Objects without a service id are not the view's.
+                if let Some(id) = service_id(&object) {
+                    K::buffer(&mut state.buffers)
+                        .get_or_insert_with(Vec::new)
+                        .push((id, object.keep()));
+                }
             }
             Event::InitDone => {
                 let listed = K::buffer(&mut state.buffers).take().unwrap_or_default();
@@ -457,10 +490,9 @@ impl View {
                         changed.insert(id.clone());
                     }
                 }
-                for object in listed {
-                    if let Some(id) = insert(&mut state, object) {
-                        changed.insert(id);
-                    }
+                for (id, kept) in listed {
+                    insert::<K>(&mut state, &id, kept);
+                    changed.insert(id);
                 }
                 state
                     .services
@@ -470,16 +502,16 @@ impl View {
                 return changed;
             }
             Event::Apply(object) => {
-                if let Some(id) = insert(&mut state, trim(object)) {
+                if let Some(id) = service_id(&object) {
+                    insert::<K>(&mut state, &id, object.keep());
                     changed.insert(id);
                 }
             }
             Event::Delete(object) => {
-                let name = object.meta().name.clone().unwrap_or_default();
-                if let Some(id) = service_id_of(object.meta().labels.as_ref()) {
-                    let id = id.to_string();
+                if let Some(id) = service_id(&object) {
+                    let name = object.meta().name.as_deref().unwrap_or_default();
                     if let Some(entry) = state.services.get_mut(&id) {
-                        K::slot(entry).remove(&name);
+                        K::slot(entry).remove(name);
                         if entry.mark.is_none() && entry.is_empty() {
                             state.services.remove(&id);
                         }
@@ -531,33 +563,27 @@ impl View {
     }
 }
 
-/// Puts an object in its service's entry; returns the service id, or `None` for an object
-/// without one.
-fn insert<K: Tracked>(state: &mut State, object: K) -> Option<String> {
-    let id = service_id_of(object.meta().labels.as_ref())?.to_string();
-    let name = object.meta().name.clone().unwrap_or_default();
-    let entry = state.services.entry(id.clone()).or_default();
-    if K::KIND == Kind::Deployment {
-        let generation = object.meta().generation.unwrap_or(0);
+/// The service id of a managed object (its labels), `None` for others.
+fn service_id<K: Resource>(object: &K) -> Option<String> {
+    service_id_of(object.meta().labels.as_ref()).map(str::to_string)
+}
+
+/// Puts what the view keeps of an object in the entry of its service `id`.
+fn insert<K: Tracked>(state: &mut State, id: &str, kept: K::Kept) {
+    let entry = state.services.entry(id.to_string()).or_default();
+    if let Some((generation, applied)) = K::generations(&kept) {
+        let generation = generation.unwrap_or(0);
         match &mut entry.mark {
             Some(mark) if !mark.seen && generation >= mark.object_generation => mark.seen = true,
             Some(_) => {}
             // First sight of a Deployment this process did not apply (a restart): later
             // changes are compared with what it is now.
             None => {
-                let applied = object
-                    .meta()
-                    .annotations
-                    .as_ref()
-                    .and_then(|a| a.get(ANNOTATION_GENERATION))
-                    .and_then(|g| g.parse().ok())
-                    .unwrap_or(0);
-                entry.mark = Some(ApplyMark::adopted(generation, applied, 0));
+                entry.mark = Some(ApplyMark::adopted(generation, applied.unwrap_or(0), 0));
             }
         }
     }
-    K::slot(entry).insert(name, object.keep());
-    Some(id)
+    K::slot(entry).insert(kept);
 }
 
 /// Starts the watches (EndpointSlices' only when the view uses them); the tasks stop when the
@@ -726,9 +752,10 @@ mod tests {
             WorkloadState::Starting,
             "no Service yet"
         );
-        // Managed fields are dropped: the view keeps what status needs.
+        // The view keeps the facts status reads, by name.
         v.with_objects("a", |o| {
-            assert!(o.deployments["xmod-a"].metadata.managed_fields.is_none());
+            let d = o.deployments.get("xmod-a").unwrap();
+            assert_eq!((d.generation, d.replicas), (Some(1), 1));
         });
 
         // After a broken watch, b was deleted and c created while nobody listened.
@@ -754,7 +781,7 @@ mod tests {
         assert_eq!(v.apply_event(Event::Apply(service("a"))), ids(&["a"]));
         assert_eq!(v.observe("a").state, WorkloadState::Ready);
         let mut foreign = deployment("x", 1);
-        foreign.metadata.labels = Some(BTreeMap::from([("app".into(), "web".into())]));
+        foreign.metadata.labels = Some([("app".into(), "web".into())].into());
         assert!(v.apply_event(Event::Apply(foreign)).is_empty());
         assert_eq!(v.apply_event(Event::Delete(service("a"))), ids(&["a"]));
         assert_eq!(v.observe("a").state, WorkloadState::Starting);
@@ -919,7 +946,10 @@ mod tests {
     fn ipv6_endpoints_are_bracketed_and_a_slice_without_port_gives_none() {
         let mut six = slice("s", "a", "xmod-a", &[("fd00::5", Some(true))]);
         six.address_type = "IPv6".into();
-        assert_eq!(SliceAddresses::of(&six).ready, ["http://[fd00::5]:8000"]);
+        assert_eq!(
+            SliceAddresses::of(&six).ready,
+            ["http://[fd00::5]:8000".into()].into()
+        );
         let mut portless = slice("s", "a", "xmod-a", &[("10.0.0.5", Some(true))]);
         portless.ports = None;
         assert!(SliceAddresses::of(&portless).ready.is_empty());

@@ -1,5 +1,7 @@
-//! The status rules, case by case, on objects shaped like the API server's.
+//! The status rules, case by case, on objects shaped like the API server's, converted to what
+//! the view keeps of them as the view converts them.
 
+use k8s_openapi::api::core::v1::{Pod, Service};
 use serde_json::{Value, json};
 
 use super::*;
@@ -103,66 +105,113 @@ fn ready_pod(suffix: &str, host_ip: &str) -> Pod {
     )
 }
 
+/// A service's objects as the view keeps them.
 fn objects(deployment: Option<Deployment>, svc: Option<Service>, pods: Vec<Pod>) -> ServiceObjects {
-    let mut o = ServiceObjects::default();
-    if let Some(d) = deployment {
-        o.deployments
-            .insert(d.metadata.name.clone().unwrap(), Arc::new(d));
+    ServiceObjects {
+        deployments: deployment.into_iter().map(DeploymentFacts::from).collect(),
+        services: svc.into_iter().map(ServiceFacts::from).collect(),
+        pods: pods.into_iter().map(PodFacts::from).collect(),
     }
-    if let Some(s) = svc {
-        o.services
-            .insert(s.metadata.name.clone().unwrap(), Arc::new(s));
-    }
-    for p in pods {
-        o.pods.insert(p.metadata.name.clone().unwrap(), Arc::new(p));
-    }
-    o
-}
-
-/// [`super::observe`] on the whole objects, checked against the same on the objects as the view
-/// keeps them ([`crate::trim`]): every rule below reads the same on both.
-fn observe(
-    objects: &ServiceObjects,
-    mark: Option<&ApplyMark>,
-    endpoints: &EndpointResolver,
-    service_id: &str,
-    max_restarts: u32,
-) -> WorkloadObservation {
-    let whole = super::observe(objects, mark, endpoints, service_id, max_restarts);
-    let trimmed = ServiceObjects {
-        deployments: trimmed_all(&objects.deployments),
-        services: trimmed_all(&objects.services),
-        pods: trimmed_all(&objects.pods),
-    };
-    assert_eq!(
-        super::observe(&trimmed, mark, endpoints, service_id, max_restarts),
-        whole,
-        "trimmed objects read differently"
-    );
-    whole
-}
-
-fn trimmed_all<K: kube::Resource + Clone + 'static>(
-    objects: &BTreeMap<String, Arc<K>>,
-) -> BTreeMap<String, Arc<K>> {
-    objects
-        .iter()
-        .map(|(name, o)| (name.clone(), Arc::new(crate::trim::trim((**o).clone()))))
-        .collect()
 }
 
 #[test]
-fn trimming_drops_what_status_never_reads() {
-    let mut d = rolled_out(1);
-    d.metadata.managed_fields = Some(vec![Default::default()]);
-    let d = crate::trim::trim(d);
-    assert!(d.metadata.managed_fields.is_none());
-    assert!(d.spec.as_ref().unwrap().template.spec.is_none());
-    let annotations = d.metadata.annotations.unwrap();
-    assert!(annotations.contains_key("xmod-shim/generation"));
-    let p = crate::trim::trim(ready_pod("a", "10.0.0.1"));
-    assert!(p.spec.is_none());
-    assert_eq!(p.status.unwrap().host_ip.as_deref(), Some("10.0.0.1"));
+fn the_view_keeps_a_few_facts_of_each_object() {
+    // Inline sizes (a k8s-openapi Pod is 2,176 bytes, a Deployment 2,400, a Service 824).
+    assert!(
+        size_of::<DeploymentFacts>() <= 136,
+        "{}",
+        size_of::<DeploymentFacts>()
+    );
+    assert!(
+        size_of::<ServiceFacts>() <= 48,
+        "{}",
+        size_of::<ServiceFacts>()
+    );
+    assert!(size_of::<PodFacts>() <= 72, "{}", size_of::<PodFacts>());
+    assert!(
+        size_of::<ContainerFacts>() <= 112,
+        "{}",
+        size_of::<ContainerFacts>()
+    );
+
+    // A running pod as the API server sends it: of its spec, labels, annotations, managed fields
+    // and container statuses, only the name, readiness and node address are kept.
+    let mut whole = pod(
+        "a",
+        json!({"phase": "Running", "hostIP": "10.0.0.7", "podIP": "10.244.0.9",
+               "startTime": "2026-01-01T00:00:00Z",
+               "conditions": [{"type": "PodScheduled", "status": "True"}, {"type": "Ready", "status": "True"}],
+               "initContainerStatuses": [{"name": "fetch", "image": "busybox", "imageID": "sha256:1",
+                   "ready": true, "restartCount": 0,
+                   "state": {"terminated": {"exitCode": 0, "reason": "Completed"}}}],
+               "containerStatuses": [{"name": "engine", "image": "vllm/vllm-openai:v9", "imageID": "sha256:2",
+                   "ready": true, "restartCount": 1, "started": true,
+                   "state": {"running": {"startedAt": "2026-01-01T00:01:00Z"}},
+                   "lastState": {"terminated": {"exitCode": 137, "reason": "OOMKilled"}}}]}),
+    );
+    whole.metadata.annotations = Some([("note".to_string(), "x".repeat(4096))].into());
+    whole.metadata.managed_fields = Some(vec![Default::default(); 3]);
+    whole.metadata.uid = Some("6f1c2d3e-0000-4000-8000-000000000001".into());
+    let kept = PodFacts::from(whole);
+    assert_eq!(
+        kept,
+        PodFacts {
+            name: format!("{NAME}-5d8f9c7b6-a").into(),
+            deleting: false,
+            finished: false,
+            ready: true,
+            host_ip: Some("10.0.0.7".into()),
+            unschedulable: None,
+            waiting: Box::default(),
+        }
+    );
+
+    // Of the containers, only those waiting for a reason a rule reads, init ones first.
+    let starting = PodFacts::from(pod(
+        "b",
+        json!({"phase": "Pending",
+               "initContainerStatuses": [{"name": "fetch", "image": "busybox", "imageID": "", "ready": false,
+                   "restartCount": 0, "state": {"waiting": {"reason": "ErrImagePull", "message": "not found"}}}],
+               "containerStatuses": [
+                   {"name": "engine", "image": "img", "imageID": "", "ready": false, "restartCount": 3,
+                    "state": {"waiting": {"reason": "CrashLoopBackOff"}},
+                    "lastState": {"terminated": {"exitCode": 1, "message": "boom"}}},
+                   {"name": "sidecar", "image": "img", "imageID": "", "ready": false, "restartCount": 0,
+                    "state": {"waiting": {"reason": "ContainerCreating"}}}]}),
+    ));
+    let names: Vec<&str> = starting.waiting.iter().map(|c| &*c.name).collect();
+    assert_eq!(names, ["fetch", "engine"]);
+    assert_eq!(
+        starting.waiting[1].last_exit,
+        Some(LastExit {
+            reason: "Error".into(),
+            message: "boom".into(),
+            exit_code: 1
+        })
+    );
+
+    // A Deployment keeps neither its pod template nor its labels; its spec generation is parsed.
+    let mut d = rolled_out(2);
+    d.metadata.managed_fields = Some(vec![Default::default(); 3]);
+    let kept = DeploymentFacts::from(d);
+    assert_eq!(
+        kept,
+        DeploymentFacts {
+            name: NAME.into(),
+            deleting: false,
+            generation: Some(1),
+            spec_generation: Some(1),
+            replicas: 2,
+            rollout: Some(Rollout {
+                observed_generation: 1,
+                replicas: 2,
+                updated_replicas: 2,
+                ready_replicas: 2
+            }),
+            deadline_exceeded: None,
+            replica_failure: None,
+        }
+    );
 }
 
 fn resolver(config: K8sConfig) -> EndpointResolver {
@@ -668,8 +717,7 @@ fn the_newest_of_two_deployments_counts_after_a_rename() {
     let new = deployment(1, 2, 1, json!({"observedGeneration": 1}));
     let o = objects(Some(new), Some(service(json!({}), json!({}))), vec![]);
     let mut o = o;
-    o.deployments
-        .insert("xmod-old-1a2b3c4d".into(), Arc::new(old));
+    o.deployments.insert(old.into());
     let seen = see(&o);
     assert_eq!(
         (seen.state, seen.generation),
