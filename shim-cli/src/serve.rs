@@ -105,9 +105,18 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
                 .await
                 .context("server failed (service.tls)")?;
         }
-        None => shim_server::serve_app(listener, state, gateway.router(), shutdown_signal())
-            .await
-            .context("server failed")?,
+        None => {
+            // The gateway reads each connection first and answers its proxied requests
+            // itself; everything else goes on to the router.
+            let router = gateway.router();
+            let front: shim_server::Front = std::sync::Arc::new(move |stream, stopping| {
+                let gateway = gateway.clone();
+                Box::pin(async move { gateway.serve_connection(stream, stopping).await })
+            });
+            shim_server::serve_app_with(listener, state, router, Some(front), shutdown_signal())
+                .await
+                .context("server failed")?;
+        }
     }
     tracing::info!("shutting down; workloads keep running and are re-adopted on the next start");
     engine.shutdown().await;

@@ -2,6 +2,7 @@
 //! plus what the gateway learns on the way (first byte, token usage) and reports at the end.
 
 use std::borrow::Cow;
+use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -14,7 +15,7 @@ use serde::Deserialize;
 
 use crate::balance::InFlight;
 use crate::metrics::ModelMetrics;
-use crate::upstream::Lease;
+use crate::upstream::ResponseBody;
 
 /// Most bytes of a plain JSON response kept to read its `usage`; larger ones go uncounted.
 const MAX_JSON_SCAN: usize = 4 * 1024 * 1024;
@@ -129,92 +130,100 @@ impl Drop for Report {
     }
 }
 
-/// Wraps the replica's body. Dropping it before its end (the client went away) drops the
-/// replica's body and connection too, which closes that connection and so cancels the generation
-/// upstream; a body read to its end returns the connection to the pool.
-pub(crate) struct MeteredBody<B: Body> {
-    inner: B,
+/// The replica's body on its way to the client, metered: first byte, token usage and how it
+/// ended go into the request's [`Report`]. Dropping it before its end (the client went away)
+/// drops the replica's connection too, which cancels the generation upstream; a body read to
+/// its end returns the connection to the pool.
+#[derive(Debug)]
+pub(crate) struct MeteredBody {
+    inner: ResponseBody,
     report: Option<Report>,
-    lease: Option<Lease>,
 }
 
-impl<B: Body> MeteredBody<B> {
-    pub(crate) fn new(inner: B, report: Report, lease: Option<Lease>) -> Self {
+impl MeteredBody {
+    pub(crate) fn new(inner: ResponseBody, report: Report) -> Self {
         Self {
             inner,
             report: Some(report),
-            lease,
         }
     }
-}
 
-impl<B: Body> Drop for MeteredBody<B> {
-    fn drop(&mut self) {
-        // A body that was empty from the start is never polled, yet it is complete.
-        if self.inner.is_end_stream() {
-            if let Some(report) = self.report.as_mut() {
-                report.end.get_or_insert(Cow::Borrowed("complete"));
-            }
-            if let Some(lease) = self.lease.take() {
-                lease.release();
-            }
-        }
+    /// The body's length when the replica sent one.
+    pub(crate) fn length(&self) -> Option<u64> {
+        self.inner.length()
     }
-}
 
-impl<B> Body for MeteredBody<B>
-where
-    B: Body<Data = Bytes> + Unpin,
-    B::Error: std::fmt::Display,
-{
-    type Data = Bytes;
-    type Error = B::Error;
-
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
-        let this = self.get_mut();
-        let mut poll = Pin::new(&mut this.inner).poll_frame(cx);
-        // The replica's connection is read in this task: nothing else polls it.
-        if poll.is_pending()
-            && let Some(lease) = this.lease.as_mut()
-        {
-            lease.drive(cx);
-            poll = Pin::new(&mut this.inner).poll_frame(cx);
-        }
-        match &poll {
-            Poll::Ready(Some(Ok(frame))) => {
-                if let (Some(report), Some(data)) = (this.report.as_mut(), frame.data_ref()) {
-                    report.on_data(data);
-                }
-            }
-            Poll::Ready(Some(Err(err))) => {
-                if let Some(mut report) = this.report.take() {
-                    report.end = Some(Cow::Owned(format!("replica error: {err}")));
-                }
-                // The connection is broken: it is dropped, never pooled.
-                this.lease = None;
-            }
-            Poll::Ready(None) => {
-                if let Some(mut report) = this.report.take() {
-                    report.end = Some(Cow::Borrowed("complete"));
-                }
-                if let Some(lease) = this.lease.take() {
-                    lease.release();
-                }
-            }
-            Poll::Pending => {}
+    /// The next piece of the body; `None` at its end.
+    pub(crate) fn poll_data(&mut self, cx: &mut Context<'_>) -> Poll<Option<io::Result<Bytes>>> {
+        let poll = self.inner.poll_data(cx);
+        if let Poll::Ready(next) = &poll {
+            self.observe(next);
         }
         poll
     }
 
+    /// The next piece of the body from what was read already, without waiting: `None` when
+    /// more must be read first.
+    pub(crate) fn buffered(&mut self) -> Option<Option<io::Result<Bytes>>> {
+        let next = self.inner.buffered()?.transpose();
+        self.observe(&next);
+        Some(next)
+    }
+
+    fn observe(&mut self, next: &Option<io::Result<Bytes>>) {
+        match next {
+            Some(Ok(data)) => {
+                if let Some(report) = self.report.as_mut() {
+                    report.on_data(data);
+                }
+            }
+            Some(Err(err)) => {
+                if let Some(mut report) = self.report.take() {
+                    report.end = Some(Cow::Owned(format!("replica error: {err}")));
+                }
+            }
+            None => {
+                if let Some(mut report) = self.report.take() {
+                    report.end = Some(Cow::Borrowed("complete"));
+                }
+            }
+        }
+    }
+}
+
+impl Drop for MeteredBody {
+    fn drop(&mut self) {
+        // A body that was empty from the start is never polled, yet it is complete.
+        if self.inner.is_end()
+            && let Some(report) = self.report.as_mut()
+        {
+            report.end.get_or_insert(Cow::Borrowed("complete"));
+        }
+    }
+}
+
+impl Body for MeteredBody {
+    type Data = Bytes;
+    type Error = io::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, io::Error>>> {
+        self.get_mut()
+            .poll_data(cx)
+            .map(|next| next.map(|data| data.map(Frame::data)))
+    }
+
     fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
+        self.inner.is_end()
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
+        match self.inner.length() {
+            Some(length) => SizeHint::with_exact(length),
+            None => SizeHint::default(),
+        }
     }
 }
 

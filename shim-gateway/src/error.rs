@@ -117,8 +117,9 @@ impl GatewayError {
     }
 }
 
-impl IntoResponse for GatewayError {
-    fn into_response(self) -> Response {
+impl GatewayError {
+    /// The JSON body clients get.
+    pub(crate) fn body(&self) -> Vec<u8> {
         let body = serde_json::json!({
             "error": {
                 "message": self.message,
@@ -127,17 +128,32 @@ impl IntoResponse for GatewayError {
                 "code": self.code,
             }
         });
-        let mut response = (self.status, axum::Json(body)).into_response();
-        if let Some(secs) = self.retry_after {
-            response
-                .headers_mut()
-                .insert(header::RETRY_AFTER, HeaderValue::from(secs));
-        }
-        if self.status == StatusCode::UNAUTHORIZED {
-            response
-                .headers_mut()
-                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
-        }
+        serde_json::to_vec(&body).unwrap_or_default()
+    }
+
+    /// Headers besides the content type: `Retry-After`, and `WWW-Authenticate` on a 401.
+    pub(crate) fn headers(&self) -> impl Iterator<Item = (header::HeaderName, HeaderValue)> {
+        let retry = self
+            .retry_after
+            .map(|secs| (header::RETRY_AFTER, HeaderValue::from(secs)));
+        let challenge = (self.status == StatusCode::UNAUTHORIZED)
+            .then(|| (header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer")));
+        retry.into_iter().chain(challenge)
+    }
+}
+
+impl IntoResponse for GatewayError {
+    fn into_response(self) -> Response {
+        let mut response = (
+            self.status,
+            [(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/json"),
+            )],
+            self.body(),
+        )
+            .into_response();
+        response.headers_mut().extend(self.headers());
         response
     }
 }

@@ -17,6 +17,7 @@ mod balance;
 mod body;
 mod config;
 mod error;
+mod front;
 mod metrics;
 mod upstream;
 
@@ -28,11 +29,11 @@ use std::time::{Duration, Instant};
 use axum::Router;
 use axum::body::Body;
 use axum::extract::{Path, Request, State};
-use axum::http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, Uri, header};
+use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::any;
 use bytes::Bytes;
-use http_body_util::{BodyExt as _, Full, LengthLimitError, Limited};
+use http_body_util::{BodyExt as _, LengthLimitError, Limited};
 use serde::Deserialize;
 use shim_core::{Engine, Phase};
 
@@ -43,6 +44,7 @@ use crate::upstream::{UpstreamError, Upstreams};
 
 pub use config::{ApiKey, ApiKeys, Balance, GatewayConfig};
 pub use error::GatewayError;
+pub use front::Handoff;
 
 /// Header carrying the request id, accepted from the client or generated, sent to the replica.
 pub const REQUEST_ID: &str = "x-request-id";
@@ -125,14 +127,12 @@ impl Gateway {
     }
 
     /// The key a request presents, when keys are configured: `Ok(None)` = the gateway is open.
-    fn authorize(&self, headers: &HeaderMap) -> Result<Option<&ApiKey>, GatewayError> {
+    fn authorize(&self, authorization: Option<&str>) -> Result<Option<&ApiKey>, GatewayError> {
         let keys = &self.inner.config.api_keys.0;
         if keys.is_empty() {
             return Ok(None);
         }
-        let presented = headers
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
+        let presented = authorization
             .and_then(|v| {
                 let (scheme, token) = v.split_once(' ')?;
                 scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
@@ -283,7 +283,7 @@ async fn list_models(State(gateway): State<Gateway>, request: Request) -> Respon
     if request.method() != Method::GET {
         return method_not_allowed(request.method(), request.uri()).into_response();
     }
-    let key = match gateway.authorize(request.headers()) {
+    let key = match gateway.authorize(authorization(request.headers())) {
         Ok(key) => key,
         Err(err) => return err.into_response(),
     };
@@ -303,7 +303,7 @@ async fn get_model(
     if request.method() != Method::GET {
         return method_not_allowed(request.method(), request.uri()).into_response();
     }
-    let key = match gateway.authorize(request.headers()) {
+    let key = match gateway.authorize(authorization(request.headers())) {
         Ok(key) => key,
         Err(err) => return err.into_response(),
     };
@@ -320,6 +320,13 @@ async fn get_model(
     }
 }
 
+/// The `Authorization` header, when it is text.
+fn authorization(headers: &HeaderMap) -> Option<&str> {
+    headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+}
+
 /// The fields of a request body the gateway reads; everything else passes through untouched.
 #[derive(Deserialize)]
 struct Probe<'a> {
@@ -328,7 +335,7 @@ struct Probe<'a> {
 }
 
 /// An error answered by the gateway, with the model label its metrics go under.
-struct Refusal {
+pub(crate) struct Refusal {
     model: Option<String>,
     error: GatewayError,
 }
@@ -339,40 +346,146 @@ impl From<GatewayError> for Refusal {
     }
 }
 
-/// `POST /v1/*`: route by `model` and pass the request through.
+/// A request to pass to a replica, as the gateway needs it whichever HTTP server took it (the
+/// router below, or the connection front in [`front`]).
+#[derive(Debug, Default)]
+pub(crate) struct Inbound {
+    /// Path and query as the client sent them.
+    pub(crate) target: String,
+    /// The `Authorization` header.
+    pub(crate) authorization: Option<String>,
+    /// The client's `x-request-id`.
+    pub(crate) request_id: Option<String>,
+    /// The header lines that go on to the replica, `name: value\r\n` each (see [`is_forwarded`]).
+    pub(crate) headers: Vec<u8>,
+    pub(crate) body: Bytes,
+}
+
+impl Inbound {
+    /// Takes in one client header.
+    pub(crate) fn header(&mut self, name: &str, value: &[u8]) {
+        if name.eq_ignore_ascii_case("authorization") {
+            self.authorization = std::str::from_utf8(value).ok().map(str::to_owned);
+        } else if name.eq_ignore_ascii_case(REQUEST_ID) {
+            self.request_id = std::str::from_utf8(value)
+                .ok()
+                .filter(|v| !v.is_empty() && v.len() <= MAX_REQUEST_ID)
+                .map(str::to_owned);
+        } else if is_forwarded(name) {
+            self.headers.extend_from_slice(name.as_bytes());
+            self.headers.extend_from_slice(b": ");
+            self.headers.extend_from_slice(value);
+            self.headers.extend_from_slice(b"\r\n");
+        }
+    }
+
+    /// The request id: the client's, or a new one.
+    pub(crate) fn request_id(&mut self) -> String {
+        self.request_id.take().unwrap_or_else(new_request_id)
+    }
+}
+
+/// Whether a client's request header goes on to the replica: not those about the connection,
+/// not the gateway key (ours, not the engine's), and not those the gateway sets itself (host,
+/// length, request id).
+fn is_forwarded(name: &str) -> bool {
+    !(is_hop_by_hop_name(name)
+        || ["host", "authorization", "content-length", REQUEST_ID]
+            .iter()
+            .any(|n| name.eq_ignore_ascii_case(n)))
+}
+
+/// Headers that describe one connection, not the message: never forwarded either way.
+pub(crate) fn is_hop_by_hop_name(name: &str) -> bool {
+    [
+        "connection",
+        "keep-alive",
+        "proxy-connection",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+    ]
+    .iter()
+    .any(|n| name.eq_ignore_ascii_case(n))
+}
+
+/// `POST /v1/*` through the router: route by `model` and pass the request through.
 async fn proxy(State(gateway): State<Gateway>, request: Request) -> Response {
     let started = Instant::now();
-    let request_id = request
-        .headers()
-        .get(REQUEST_ID)
-        .and_then(|v| v.to_str().ok())
-        .filter(|v| !v.is_empty() && v.len() <= MAX_REQUEST_ID)
-        .map_or_else(new_request_id, str::to_owned);
-    let mut response = match forward(&gateway, request, &request_id, started).await {
-        Ok(response) => response,
-        Err(Refusal { model, error }) => {
-            let label = model.as_deref().unwrap_or(UNKNOWN_MODEL);
-            gateway
-                .inner
-                .metrics
-                .model(label)
-                .count_code(error.status.as_u16());
-            tracing::info!(
-                request_id = %request_id,
-                model = label,
-                status = error.status.as_u16(),
-                code = error.code,
-                duration_ms = started.elapsed().as_secs_f64() * 1e3,
-                "gateway request refused: {}",
-                error.message
-            );
-            error.into_response()
+    let (parts, body) = request.into_parts();
+    let mut inbound = Inbound {
+        target: parts
+            .uri
+            .path_and_query()
+            .map_or_else(|| parts.uri.path().to_owned(), |p| p.as_str().to_owned()),
+        ..Inbound::default()
+    };
+    for (name, value) in &parts.headers {
+        inbound.header(name.as_str(), value.as_bytes());
+    }
+    let request_id = inbound.request_id();
+    let outcome = async {
+        if parts.method != Method::POST {
+            return Err(method_not_allowed(&parts.method, &parts.uri).into());
         }
+        let declared = parts
+            .headers
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok());
+        inbound.body = read_body(body, declared, gateway.inner.config.max_body_bytes).await?;
+        gateway.handle(inbound, &request_id, started).await
+    }
+    .await;
+    let mut response = match outcome {
+        Ok(Proxied {
+            status,
+            headers,
+            body,
+        }) => {
+            let mut response = Response::new(Body::new(body));
+            *response.status_mut() = status;
+            *response.headers_mut() = headers;
+            response
+        }
+        Err(refusal) => gateway
+            .refused(refusal, &request_id, started)
+            .into_response(),
     };
     if let Ok(value) = HeaderValue::from_str(&request_id) {
         response.headers_mut().insert(REQUEST_ID, value);
     }
     response
+}
+
+/// The request body, within `gateway.maxBodyBytes`: the model is in it, and a retry must be
+/// able to resend it.
+async fn read_body(body: Body, declared: Option<u64>, limit: usize) -> Result<Bytes, Refusal> {
+    if declared.is_some_and(|n| n > limit as u64) {
+        return Err(GatewayError::too_large(limit).into());
+    }
+    match Limited::new(body, limit).collect().await {
+        Ok(collected) => Ok(collected.to_bytes()),
+        Err(err) if err.downcast_ref::<LengthLimitError>().is_some() => {
+            Err(GatewayError::too_large(limit).into())
+        }
+        Err(err) => Err(GatewayError::bad_request(
+            "body_unreadable",
+            format!("could not read the request body: {err}"),
+        )
+        .into()),
+    }
+}
+
+/// A replica's answer on its way to the client.
+pub(crate) struct Proxied {
+    pub(crate) status: StatusCode,
+    /// End-to-end headers only: framing is the server's business.
+    pub(crate) headers: HeaderMap,
+    pub(crate) body: MeteredBody,
 }
 
 /// A new request id: 32 hex digits, a random half drawn once per process and a counter, so ids
@@ -384,185 +497,192 @@ fn new_request_id() -> String {
     format!("{:016x}{n:016x}", *PREFIX)
 }
 
-async fn forward(
-    gateway: &Gateway,
-    request: Request,
-    request_id: &str,
-    started: Instant,
-) -> Result<Response, Refusal> {
-    let inner = &gateway.inner;
-    let config = &inner.config;
-    let (parts, body) = request.into_parts();
-    if parts.method != Method::POST {
-        return Err(method_not_allowed(&parts.method, &parts.uri).into());
+impl Gateway {
+    /// Counts and logs a refused request; the error is what the client gets.
+    pub(crate) fn refused(
+        &self,
+        Refusal { model, error }: Refusal,
+        request_id: &str,
+        started: Instant,
+    ) -> GatewayError {
+        let label = model.as_deref().unwrap_or(UNKNOWN_MODEL);
+        self.inner
+            .metrics
+            .model(label)
+            .count_code(error.status.as_u16());
+        tracing::info!(
+            request_id,
+            model = label,
+            status = error.status.as_u16(),
+            code = error.code,
+            duration_ms = started.elapsed().as_secs_f64() * 1e3,
+            "gateway request refused: {}",
+            error.message
+        );
+        error
     }
-    let key = gateway.authorize(&parts.headers)?;
 
-    // Read the body within the limit: the model is in it, and a retry must be able to resend it.
-    let limit = config.max_body_bytes;
-    let declared = parts
-        .headers
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok());
-    if declared.is_some_and(|n| n > limit as u64) {
-        return Err(GatewayError::too_large(limit).into());
-    }
-    let body = match Limited::new(body, limit).collect().await {
-        Ok(collected) => collected.to_bytes(),
-        Err(err) if err.downcast_ref::<LengthLimitError>().is_some() => {
-            return Err(GatewayError::too_large(limit).into());
-        }
-        Err(err) => {
-            return Err(GatewayError::bad_request(
-                "body_unreadable",
-                format!("could not read the request body: {err}"),
+    /// Routes `inbound` by its `model` and sends it to a replica: the answer's status and
+    /// headers, and its body still to be streamed (metered as it goes).
+    pub(crate) async fn handle(
+        &self,
+        inbound: Inbound,
+        request_id: &str,
+        started: Instant,
+    ) -> Result<Proxied, Refusal> {
+        let inner = &self.inner;
+        let config = &inner.config;
+        let key = self.authorize(inbound.authorization.as_deref())?;
+        let body = inbound.body;
+        let probe: Probe<'_> = serde_json::from_slice(&body).map_err(|e| {
+            GatewayError::bad_request(
+                "invalid_json",
+                format!("the request body must be a JSON object: {e}"),
             )
-            .into());
-        }
-    };
-    let probe: Probe<'_> = serde_json::from_slice(&body).map_err(|e| {
-        GatewayError::bad_request(
-            "invalid_json",
-            format!("the request body must be a JSON object: {e}"),
-        )
-    })?;
-    let model = match probe.model {
-        Some(model) if !model.is_empty() => model.into_owned(),
-        _ => {
-            return Err(GatewayError::bad_request(
-                "missing_model",
-                "the request body needs `model`: the served model name or a service id",
-            )
-            .into());
-        }
-    };
+        })?;
+        let model = match probe.model {
+            Some(model) if !model.is_empty() => model.into_owned(),
+            _ => {
+                return Err(GatewayError::bad_request(
+                    "missing_model",
+                    "the request body needs `model`: the served model name or a service id",
+                )
+                .into());
+            }
+        };
 
-    let mut resolution = balance::resolve(&inner.engine, &model);
-    if let Resolution::Starting { served, .. } = &resolution {
-        let served = served.clone();
-        // A key that may not use the model is refused now, not after the wait.
+        let mut resolution = balance::resolve(&inner.engine, &model);
+        if let Resolution::Starting { served, .. } = &resolution {
+            let served = served.clone();
+            // A key that may not use the model is refused now, not after the wait.
+            if let Some(key) = key
+                && !key.allows(&served, std::slice::from_ref(&model))
+            {
+                return Err(Refusal {
+                    error: GatewayError::forbidden(&model),
+                    model: Some(served),
+                });
+            }
+            let metrics = inner.metrics.model(&served);
+            resolution = self
+                .wait_until_ready(&model, &served, &metrics)
+                .await
+                .map_err(|error| Refusal {
+                    model: Some(served.clone()),
+                    error,
+                })?;
+        }
+        let (served, service_ids, replicas) = match resolution {
+            Resolution::Ready {
+                served,
+                service_ids,
+                replicas,
+            } => (served, service_ids, replicas),
+            Resolution::Unknown => {
+                let available: Vec<String> = balance::available_models(&inner.engine)
+                    .into_iter()
+                    .filter(|m| key.is_none_or(|k| k.allows(m, &[])))
+                    .collect();
+                return Err(GatewayError::model_not_found(&model, &available).into());
+            }
+            Resolution::Failed { served, reason, .. } => {
+                return Err(Refusal {
+                    error: GatewayError::unavailable(
+                        "model_failed",
+                        format!("the model `{served}` failed: {reason}"),
+                    ),
+                    model: Some(served),
+                });
+            }
+            Resolution::Terminating { served } => {
+                return Err(Refusal {
+                    error: GatewayError::unavailable(
+                        "model_terminating",
+                        format!("the model `{served}` is being deleted"),
+                    ),
+                    model: Some(served),
+                });
+            }
+            Resolution::Starting { served, .. } => {
+                // `wait_until_ready` returns only other outcomes; kept total for the compiler.
+                return Err(Refusal {
+                    error: GatewayError::unavailable(
+                        "model_starting",
+                        format!("the model `{served}` is starting"),
+                    ),
+                    model: Some(served),
+                });
+            }
+        };
         if let Some(key) = key
-            && !key.allows(&served, std::slice::from_ref(&model))
+            && !key.allows(&served, &service_ids)
         {
             return Err(Refusal {
                 error: GatewayError::forbidden(&model),
                 model: Some(served),
             });
         }
-        let metrics = inner.metrics.model(&served);
-        resolution = gateway
-            .wait_until_ready(&model, &served, &metrics)
-            .await
-            .map_err(|error| Refusal {
-                model: Some(served.clone()),
-                error,
-            })?;
-    }
-    let (served, service_ids, replicas) = match resolution {
-        Resolution::Ready {
-            served,
-            service_ids,
-            replicas,
-        } => (served, service_ids, replicas),
-        Resolution::Unknown => {
-            let available: Vec<String> = balance::available_models(&inner.engine)
-                .into_iter()
-                .filter(|m| key.is_none_or(|k| k.allows(m, &[])))
-                .collect();
-            return Err(GatewayError::model_not_found(&model, &available).into());
-        }
-        Resolution::Failed { served, reason, .. } => {
-            return Err(Refusal {
-                error: GatewayError::unavailable(
-                    "model_failed",
-                    format!("the model `{served}` failed: {reason}"),
-                ),
-                model: Some(served),
-            });
-        }
-        Resolution::Terminating { served } => {
-            return Err(Refusal {
-                error: GatewayError::unavailable(
-                    "model_terminating",
-                    format!("the model `{served}` is being deleted"),
-                ),
-                model: Some(served),
-            });
-        }
-        Resolution::Starting { served, .. } => {
-            // `wait_until_ready` returns only other outcomes; kept total for the compiler.
-            return Err(Refusal {
-                error: GatewayError::unavailable(
-                    "model_starting",
-                    format!("the model `{served}` is starting"),
-                ),
-                model: Some(served),
-            });
-        }
-    };
-    if let Some(key) = key
-        && !key.allows(&served, &service_ids)
-    {
-        return Err(Refusal {
-            error: GatewayError::forbidden(&model),
-            model: Some(served),
-        });
-    }
-    let refuse = |error: GatewayError| Refusal {
-        model: Some(served.clone()),
-        error,
-    };
-
-    // A request naming a service id reaches an engine that knows only its served name.
-    let body = if model == served {
-        body
-    } else {
-        rewrite_model(&body, &served).map_err(refuse)?
-    };
-    let prefix = match config.balance {
-        Balance::Prefix => serde_json::from_slice::<serde_json::Value>(&body)
-            .ok()
-            .and_then(|v| balance::prompt_prefix(&v, config.prefix_chars)),
-        Balance::LeastInFlight => None,
-    };
-
-    let metrics = inner.metrics.model(&served);
-    let model_in_flight = ModelInFlight::new(metrics.clone());
-    let mut tried: Option<String> = None;
-    let mut last_error = None;
-    for attempt in 0..2 {
-        let Some((index, replica_in_flight)) =
-            inner
-                .balancer
-                .pick(&replicas, tried.as_deref(), prefix.as_deref())
-        else {
-            break;
+        let refuse = |error: GatewayError| Refusal {
+            model: Some(served.clone()),
+            error,
         };
-        let Candidate { service_id, url } = &replicas[index];
-        let upstream = upstream_request(&parts, body.clone(), request_id).map_err(refuse)?;
-        metrics.count_replica(url);
-        if attempt > 0 {
-            metrics.count_retry();
-        }
-        match inner.upstreams.send(url, upstream).await {
-            Ok((response, lease)) => {
-                let status = response.status();
-                let retryable = matches!(
-                    status,
-                    StatusCode::BAD_GATEWAY | StatusCode::SERVICE_UNAVAILABLE
-                );
-                // Nothing reached the client yet, so another replica may still answer.
-                if retryable && attempt == 0 && replicas.len() > 1 {
-                    tracing::debug!(request_id, replica = %url, %status, "retrying on another replica");
-                    tried = Some(url.clone());
-                    continue;
-                }
-                metrics.count_code(status.as_u16());
-                return Ok(pass_back(
-                    response,
-                    lease,
-                    Report::new(
+
+        // A request naming a service id reaches an engine that knows only its served name.
+        let body = if model == served {
+            body
+        } else {
+            rewrite_model(&body, &served).map_err(refuse)?
+        };
+        let prefix = match config.balance {
+            Balance::Prefix => serde_json::from_slice::<serde_json::Value>(&body)
+                .ok()
+                .and_then(|v| balance::prompt_prefix(&v, config.prefix_chars)),
+            Balance::LeastInFlight => None,
+        };
+        let mut headers = inbound.headers;
+        headers.extend_from_slice(REQUEST_ID.as_bytes());
+        headers.extend_from_slice(b": ");
+        headers.extend_from_slice(request_id.as_bytes());
+        headers.extend_from_slice(b"\r\n");
+        let outgoing = upstream::Outgoing {
+            method: "POST",
+            target: &inbound.target,
+            headers: &headers,
+            body: &body,
+        };
+
+        let metrics = inner.metrics.model(&served);
+        let model_in_flight = ModelInFlight::new(metrics.clone());
+        let mut tried: Option<String> = None;
+        let mut last_error = None;
+        for attempt in 0..2 {
+            let Some((index, replica_in_flight)) =
+                inner
+                    .balancer
+                    .pick(&replicas, tried.as_deref(), prefix.as_deref())
+            else {
+                break;
+            };
+            let Candidate { service_id, url } = &replicas[index];
+            metrics.count_replica(url);
+            if attempt > 0 {
+                metrics.count_retry();
+            }
+            match inner.upstreams.send(url, outgoing).await {
+                Ok(exchange) => {
+                    let status = exchange.status;
+                    let retryable = matches!(
+                        status,
+                        StatusCode::BAD_GATEWAY | StatusCode::SERVICE_UNAVAILABLE
+                    );
+                    // Nothing reached the client yet, so another replica may still answer.
+                    if retryable && attempt == 0 && replicas.len() > 1 {
+                        tracing::debug!(request_id, replica = %url, %status, "retrying on another replica");
+                        tried = Some(url.clone());
+                        continue;
+                    }
+                    metrics.count_code(status.as_u16());
+                    let mut report = Report::new(
                         model_in_flight,
                         replica_in_flight,
                         started,
@@ -571,28 +691,42 @@ async fn forward(
                         url.clone(),
                         status.as_u16(),
                         attempt > 0,
-                    ),
-                ));
-            }
-            Err(err @ UpstreamError::Connect(_)) => {
-                tracing::warn!(request_id, replica = %url, service_id, error = %err,
-                    "replica refused the connection; cooling it down and asking the engine to look");
-                inner.balancer.cool_down(url);
-                inner.engine.nudge(service_id);
-                tried = Some(url.clone());
-                last_error = Some(format!("replica {url} refused the connection: {err}"));
-            }
-            Err(err @ UpstreamError::Send(_)) => {
-                // The request may have reached the engine: never resent.
-                return Err(refuse(GatewayError::bad_gateway(format!(
-                    "replica {url} failed: {err}"
-                ))));
+                    );
+                    let content_type = exchange
+                        .headers
+                        .get(header::CONTENT_TYPE)
+                        .and_then(|v| v.to_str().ok())
+                        .unwrap_or("");
+                    report.set_scan(
+                        content_type.starts_with("text/event-stream"),
+                        content_type.starts_with("application/json"),
+                    );
+                    return Ok(Proxied {
+                        status,
+                        headers: exchange.headers,
+                        body: MeteredBody::new(exchange.body, report),
+                    });
+                }
+                Err(err @ UpstreamError::Connect(_)) => {
+                    tracing::warn!(request_id, replica = %url, service_id, error = %err,
+                        "replica refused the connection; cooling it down and asking the engine to look");
+                    inner.balancer.cool_down(url);
+                    inner.engine.nudge(service_id);
+                    tried = Some(url.clone());
+                    last_error = Some(format!("replica {url} refused the connection: {err}"));
+                }
+                Err(err @ UpstreamError::Send(_)) => {
+                    // The request may have reached the engine: never resent.
+                    return Err(refuse(GatewayError::bad_gateway(format!(
+                        "replica {url} failed: {err}"
+                    ))));
+                }
             }
         }
+        Err(refuse(GatewayError::bad_gateway(
+            last_error.unwrap_or_else(|| "no replica answered".to_owned()),
+        )))
     }
-    Err(refuse(GatewayError::bad_gateway(
-        last_error.unwrap_or_else(|| "no replica answered".to_owned()),
-    )))
 }
 
 /// The body with `model` replaced by the served name.
@@ -608,87 +742,6 @@ fn rewrite_model(body: &[u8], served: &str) -> Result<Bytes, GatewayError> {
     serde_json::to_vec(&value)
         .map(Bytes::from)
         .map_err(|e| GatewayError::bad_request("invalid_json", e.to_string()))
-}
-
-/// Headers that describe one connection, not the message: never forwarded either way.
-fn is_hop_by_hop(name: &HeaderName) -> bool {
-    matches!(
-        name.as_str(),
-        "connection"
-            | "keep-alive"
-            | "proxy-connection"
-            | "proxy-authenticate"
-            | "proxy-authorization"
-            | "te"
-            | "trailer"
-            | "transfer-encoding"
-            | "upgrade"
-    )
-}
-
-/// The request for a replica: the client's method, path and headers (less those that are the
-/// gateway's or the connection's) and the body read. [`Upstreams::send`] sets `Host`.
-fn upstream_request(
-    parts: &axum::http::request::Parts,
-    body: Bytes,
-    request_id: &str,
-) -> Result<hyper::Request<Full<Bytes>>, GatewayError> {
-    let mut builder = hyper::Request::builder()
-        .method(parts.method.clone())
-        .uri(parts.uri.clone());
-    if let Some(headers) = builder.headers_mut() {
-        for (name, value) in &parts.headers {
-            // The gateway key is ours, not the engine's; host and length are set anew.
-            if is_hop_by_hop(name)
-                || name == header::HOST
-                || name == header::AUTHORIZATION
-                || name == header::CONTENT_LENGTH
-                || name == REQUEST_ID
-            {
-                continue;
-            }
-            headers.append(name, value.clone());
-        }
-        if let Ok(value) = HeaderValue::from_str(request_id) {
-            headers.insert(REQUEST_ID, value);
-        }
-        headers.insert(header::CONTENT_LENGTH, HeaderValue::from(body.len()));
-    }
-    builder
-        .body(Full::new(body))
-        .map_err(|e| GatewayError::bad_gateway(format!("cannot build the upstream request: {e}")))
-}
-
-/// The replica's response, with its body streamed through the metering wrapper.
-fn pass_back(
-    response: hyper::Response<hyper::body::Incoming>,
-    lease: upstream::Lease,
-    mut report: Report,
-) -> Response {
-    let (mut parts, incoming) = response.into_parts();
-    if parts.headers.keys().any(is_hop_by_hop) {
-        let hop: Vec<HeaderName> = parts
-            .headers
-            .keys()
-            .filter(|n| is_hop_by_hop(n))
-            .cloned()
-            .collect();
-        for name in hop {
-            parts.headers.remove(name);
-        }
-    }
-    let content_type = parts
-        .headers
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("");
-    let streaming = content_type.starts_with("text/event-stream");
-    let json = content_type.starts_with("application/json");
-    report.set_scan(streaming, json);
-    Response::from_parts(
-        parts,
-        Body::new(MeteredBody::new(incoming, report, Some(lease))),
-    )
 }
 
 #[cfg(test)]

@@ -213,7 +213,45 @@ struct Harness {
     http: reqwest::Client,
 }
 
-async fn harness(config: GatewayConfig) -> Harness {
+/// How the harness serves the gateway: as the binary does (the gateway's connection front,
+/// then the router for the rest, via `shim_server::serve_app_with`), or through its router
+/// alone, as TLS serving and embedders that mount `Gateway::router` do.
+#[derive(Clone, Copy, Debug)]
+enum Server {
+    Front,
+    Router,
+}
+
+/// Every test, once per [`Server`].
+macro_rules! each_server {
+    ($($name:ident),* $(,)?) => {
+        mod front {
+            $(#[tokio::test]
+            async fn $name() {
+                super::$name(super::Server::Front).await;
+            })*
+        }
+        mod router {
+            $(#[tokio::test]
+            async fn $name() {
+                super::$name(super::Server::Router).await;
+            })*
+        }
+    };
+}
+
+each_server!(
+    routes_by_name_and_id_and_every_replica_serves,
+    bad_requests_get_openai_errors_and_never_reach_a_replica,
+    streams_pass_through_unbuffered_and_a_client_leaving_cancels_upstream,
+    replica_connections_are_kept_alive_and_reused,
+    a_request_for_a_starting_model_waits_and_the_queue_is_bounded,
+    a_cold_start_that_takes_too_long_gets_503,
+    refused_connections_and_503s_are_retried_once_on_another_replica,
+    api_keys_guard_v1_and_may_limit_models
+);
+
+async fn harness(server: Server, config: GatewayConfig) -> Harness {
     let fleet = Arc::new(Fleet::default());
     let (gate, gate_rx) = watch::channel(false);
     let pipeline = {
@@ -267,7 +305,27 @@ async fn harness(config: GatewayConfig) -> Harness {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let base = format!("http://{}", listener.local_addr().unwrap());
     let app = gateway.router();
-    tokio::spawn(async move { axum::serve(listener, app).await });
+    match server {
+        Server::Router => {
+            tokio::spawn(async move { axum::serve(listener, app).await });
+        }
+        Server::Front => {
+            let state =
+                shim_server::AppState::new(engine.clone(), shim_server::ServerConfig::default());
+            let front_gateway = gateway.clone();
+            let front: shim_server::Front = Arc::new(move |stream, stopping| {
+                let gateway = front_gateway.clone();
+                Box::pin(async move { gateway.serve_connection(stream, stopping).await })
+            });
+            tokio::spawn(shim_server::serve_app_with(
+                listener,
+                state,
+                app,
+                Some(front),
+                std::future::pending(),
+            ));
+        }
+    }
     Harness {
         engine,
         gateway,
@@ -338,9 +396,8 @@ fn assert_openai_error(body: &Value, code: &str) {
 
 // ---------------------------------------------------------------------------------------------
 
-#[tokio::test]
-async fn routes_by_name_and_id_and_every_replica_serves() {
-    let h = harness(GatewayConfig::default()).await;
+async fn routes_by_name_and_id_and_every_replica_serves(server: Server) {
+    let h = harness(server, GatewayConfig::default()).await;
     let (a_url, a) = start_replica(named("a")).await;
     let (b_url, b) = start_replica(named("b")).await;
     let id = h.deploy("llama", &[&a_url, &b_url]).await;
@@ -413,12 +470,14 @@ async fn routes_by_name_and_id_and_every_replica_serves() {
     assert_eq!(per_replica.len(), 2, "{per_replica:?}");
 }
 
-#[tokio::test]
-async fn bad_requests_get_openai_errors_and_never_reach_a_replica() {
-    let h = harness(GatewayConfig {
-        max_body_bytes: 2048,
-        ..GatewayConfig::default()
-    })
+async fn bad_requests_get_openai_errors_and_never_reach_a_replica(server: Server) {
+    let h = harness(
+        server,
+        GatewayConfig {
+            max_body_bytes: 2048,
+            ..GatewayConfig::default()
+        },
+    )
     .await;
     let (url, replica) = start_replica(named("a")).await;
     let id = h.deploy("llama", &[&url]).await;
@@ -491,9 +550,8 @@ async fn bad_requests_get_openai_errors_and_never_reach_a_replica() {
     assert_eq!(h.gateway.requests("broken", 503), 1);
 }
 
-#[tokio::test]
-async fn streams_pass_through_unbuffered_and_a_client_leaving_cancels_upstream() {
-    let h = harness(GatewayConfig::default()).await;
+async fn streams_pass_through_unbuffered_and_a_client_leaving_cancels_upstream(server: Server) {
+    let h = harness(server, GatewayConfig::default()).await;
     let (url, replica) = start_replica(Replica {
         hold_streams: true,
         ..named("a")
@@ -556,9 +614,8 @@ async fn streams_pass_through_unbuffered_and_a_client_leaving_cancels_upstream()
     panic!("in-flight never returned to 0: {}", h.metrics());
 }
 
-#[tokio::test]
-async fn replica_connections_are_kept_alive_and_reused() {
-    let h = harness(GatewayConfig::default()).await;
+async fn replica_connections_are_kept_alive_and_reused(server: Server) {
+    let h = harness(server, GatewayConfig::default()).await;
     let (url, replica) = start_replica(named("a")).await;
     let id = h.deploy("llama", &[&url]).await;
     h.wait_phase(&id, Phase::Running).await;
@@ -592,12 +649,14 @@ async fn replica_connections_are_kept_alive_and_reused() {
     );
 }
 
-#[tokio::test]
-async fn a_request_for_a_starting_model_waits_and_the_queue_is_bounded() {
-    let h = harness(GatewayConfig {
-        queue_size: 1,
-        ..GatewayConfig::default()
-    })
+async fn a_request_for_a_starting_model_waits_and_the_queue_is_bounded(server: Server) {
+    let h = harness(
+        server,
+        GatewayConfig {
+            queue_size: 1,
+            ..GatewayConfig::default()
+        },
+    )
     .await;
     let (url, _replica) = start_replica(named("a")).await;
     let id = h.deploy("slow", &[&url]).await;
@@ -646,12 +705,14 @@ async fn a_request_for_a_starting_model_waits_and_the_queue_is_bounded() {
     );
 }
 
-#[tokio::test]
-async fn a_cold_start_that_takes_too_long_gets_503() {
-    let h = harness(GatewayConfig {
-        cold_start_timeout_secs: 1,
-        ..GatewayConfig::default()
-    })
+async fn a_cold_start_that_takes_too_long_gets_503(server: Server) {
+    let h = harness(
+        server,
+        GatewayConfig {
+            cold_start_timeout_secs: 1,
+            ..GatewayConfig::default()
+        },
+    )
     .await;
     let id = h.deploy("slow-forever", &[]).await;
     h.wait_phase(&id, Phase::Initializing).await;
@@ -660,9 +721,8 @@ async fn a_cold_start_that_takes_too_long_gets_503() {
     assert_openai_error(&body, "cold_start_timeout");
 }
 
-#[tokio::test]
-async fn refused_connections_and_503s_are_retried_once_on_another_replica() {
-    let h = harness(GatewayConfig::default()).await;
+async fn refused_connections_and_503s_are_retried_once_on_another_replica(server: Server) {
+    let h = harness(server, GatewayConfig::default()).await;
     let dead = refusing_address().await;
     let (good_url, good) = start_replica(named("good")).await;
     let (busy_url, busy) = start_replica(Replica {
@@ -706,14 +766,16 @@ async fn refused_connections_and_503s_are_retried_once_on_another_replica() {
     assert_eq!(response.text().await.unwrap(), "replica says no");
 }
 
-#[tokio::test]
-async fn api_keys_guard_v1_and_may_limit_models() {
+async fn api_keys_guard_v1_and_may_limit_models(server: Server) {
     let keys: shim_gateway::ApiKeys =
         serde_json::from_value(json!("admin-key,llama-key=llama")).unwrap();
-    let h = harness(GatewayConfig {
-        api_keys: keys,
-        ..GatewayConfig::default()
-    })
+    let h = harness(
+        server,
+        GatewayConfig {
+            api_keys: keys,
+            ..GatewayConfig::default()
+        },
+    )
     .await;
     let (url, replica) = start_replica(named("a")).await;
     for model in ["llama", "qwen"] {

@@ -25,6 +25,7 @@
 //! # Ok(()) }
 //! ```
 
+mod accept;
 mod access;
 mod console;
 mod envelope;
@@ -34,14 +35,14 @@ mod middleware;
 mod state;
 mod tls;
 
-use std::future::{Future, IntoFuture};
+use std::future::Future;
 
 use axum::Router;
 use axum::extract::DefaultBodyLimit;
 use axum::routing::{self, MethodRouter};
-use axum::serve::ListenerExt;
 use tower_http::catch_panic::CatchPanicLayer;
 
+pub use accept::Front;
 pub use access::{ApiToken, Role};
 pub use envelope::ApiError;
 pub use metrics::HttpMetrics;
@@ -180,37 +181,32 @@ pub async fn serve_app(
     extra: Router,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
+    serve_app_with(listener, state, extra, None, shutdown).await
+}
+
+/// [`serve_app`] with a [`Front`] that reads each connection first and may answer its
+/// requests itself before the router sees any (the OpenAI gateway's fast path).
+///
+/// # Errors
+/// I/O errors of the listener.
+pub async fn serve_app_with(
+    listener: tokio::net::TcpListener,
+    state: AppState,
+    extra: Router,
+    front: Option<Front>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
     let stopping = state.stopping().clone();
     let grace = state.shutdown_grace();
-    // Small JSON answers on kept-alive connections must not wait for Nagle's algorithm.
-    let listener = listener.tap_io(|tcp| {
-        if let Err(err) = tcp.set_nodelay(true) {
-            tracing::debug!(error = %err, "could not set TCP_NODELAY");
-        }
-    });
-    let signal = {
-        let stopping = stopping.clone();
-        async move {
-            shutdown.await;
-            tracing::info!("shutting down the HTTP server");
-            // Ends the SSE streams, which would otherwise hold graceful shutdown open forever.
-            stopping.cancel();
-        }
-    };
-    let server = axum::serve(listener, extra.merge(router(state)))
-        .with_graceful_shutdown(signal)
-        .into_future();
-    let deadline = async {
-        stopping.cancelled().await;
-        tokio::time::sleep(grace).await;
-    };
-    tokio::select! {
-        result = server => result,
-        () = deadline => {
-            tracing::warn!(?grace, "requests still in flight after the grace period; stopping anyway");
-            Ok(())
-        }
-    }
+    accept::serve(
+        listener,
+        extra.merge(router(state)),
+        front,
+        stopping,
+        grace,
+        shutdown,
+    )
+    .await
 }
 
 #[cfg(test)]
