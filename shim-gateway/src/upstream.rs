@@ -48,7 +48,7 @@ const MAX_HEADERS: usize = 96;
 const MAX_CHUNK_LINE: usize = 4096;
 
 /// Bytes asked of the socket per read.
-const READ_SIZE: usize = 16 * 1024;
+const READ_SIZE: usize = 8 * 1024;
 
 /// Why a request did not get a response.
 #[derive(Debug)]
@@ -332,90 +332,114 @@ enum Failure {
     Sent(String),
 }
 
+/// A response head, parsed.
+struct Head {
+    /// Its length in bytes.
+    len: usize,
+    code: u16,
+    headers: HeaderMap,
+    framing: Framing,
+    reusable: bool,
+}
+
+/// Parses the response head at the front of `read`: `Ok(None)` until it is all there. Kept
+/// apart from the reading so the parser's header array never lives across an await (it would
+/// make every connection's task that much bigger).
+fn parse_head(read: &[u8]) -> Result<Option<Head>, String> {
+    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut head = httparse::Response::new(&mut headers);
+    let len = match head.parse(read) {
+        Ok(httparse::Status::Complete(len)) => len,
+        Ok(httparse::Status::Partial) if read.len() < MAX_HEAD => return Ok(None),
+        Ok(httparse::Status::Partial) => return Err("a response head over 64 KiB".into()),
+        Err(err) => return Err(format!("a malformed response head: {err}")),
+    };
+    let code = head.code.unwrap_or(0);
+    let mut framing = Framing::UntilClose;
+    let mut reusable = head.version == Some(1);
+    let mut kept = HeaderMap::with_capacity(head.headers.len());
+    for header in head.headers.iter() {
+        let name = header.name;
+        if name.eq_ignore_ascii_case("content-length") {
+            let length = std::str::from_utf8(header.value)
+                .ok()
+                .and_then(|v| v.trim().parse::<u64>().ok())
+                .ok_or("a bad content-length")?;
+            if framing == Framing::UntilClose {
+                framing = Framing::Length(length);
+            }
+        } else if name.eq_ignore_ascii_case("transfer-encoding") {
+            // Chunked wins over a length (RFC 9112 6.3).
+            if header.value.trim_ascii().eq_ignore_ascii_case(b"chunked") {
+                framing = Framing::Chunked(Chunk::Size);
+            } else {
+                reusable = false;
+                framing = Framing::UntilClose;
+            }
+        } else if name.eq_ignore_ascii_case("connection") {
+            if header
+                .value
+                .split(|b| *b == b',')
+                .any(|t| t.trim_ascii().eq_ignore_ascii_case(b"close"))
+            {
+                reusable = false;
+            }
+        } else if !crate::is_hop_by_hop_name(name)
+            && let (Ok(name), Ok(value)) = (
+                HeaderName::from_bytes(name.as_bytes()),
+                HeaderValue::from_bytes(header.value),
+            )
+        {
+            kept.append(name, value);
+        }
+    }
+    if code == 204 || code == 304 {
+        framing = Framing::Length(0);
+    }
+    if framing == Framing::UntilClose {
+        reusable = false;
+    }
+    Ok(Some(Head {
+        len,
+        code,
+        headers: kept,
+        framing,
+        reusable,
+    }))
+}
+
 /// Writes `request` on `connection` and reads the response head.
 async fn exchange(mut connection: Connection, request: &[u8]) -> Result<Exchange, Failure> {
     if let Err(err) = connection.stream.write_all(request).await {
         return Err(Failure::Unsent(err.to_string()));
     }
     loop {
-        let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
-        let mut head = httparse::Response::new(&mut headers);
-        let parsed = head.parse(&connection.read);
-        match parsed {
-            Ok(httparse::Status::Complete(len)) => {
-                let code = head.code.unwrap_or(0);
-                // Interim answers (100 Continue and the like) are skipped; 101 never comes, as
-                // no request asks to switch protocols.
-                if (100..200).contains(&code) && code != 101 {
-                    connection.read.advance(len);
-                    continue;
-                }
-                let status = StatusCode::from_u16(code)
-                    .map_err(|_| Failure::Sent(format!("the replica sent status {code}")))?;
-                let mut framing = Framing::UntilClose;
-                let mut reusable = head.version == Some(1);
-                let mut kept = HeaderMap::with_capacity(head.headers.len());
-                for header in head.headers.iter() {
-                    let name = header.name;
-                    if name.eq_ignore_ascii_case("content-length") {
-                        let length = std::str::from_utf8(header.value)
-                            .ok()
-                            .and_then(|v| v.trim().parse::<u64>().ok())
-                            .ok_or_else(|| Failure::Sent("a bad content-length".into()))?;
-                        if framing == Framing::UntilClose {
-                            framing = Framing::Length(length);
-                        }
-                    } else if name.eq_ignore_ascii_case("transfer-encoding") {
-                        // Chunked wins over a length (RFC 9112 6.3).
-                        if header.value.trim_ascii().eq_ignore_ascii_case(b"chunked") {
-                            framing = Framing::Chunked(Chunk::Size);
-                        } else {
-                            reusable = false;
-                            framing = Framing::UntilClose;
-                        }
-                    } else if name.eq_ignore_ascii_case("connection") {
-                        if header
-                            .value
-                            .split(|b| *b == b',')
-                            .any(|t| t.trim_ascii().eq_ignore_ascii_case(b"close"))
-                        {
-                            reusable = false;
-                        }
-                    } else if !crate::is_hop_by_hop_name(name)
-                        && let (Ok(name), Ok(value)) = (
-                            HeaderName::from_bytes(name.as_bytes()),
-                            HeaderValue::from_bytes(header.value),
-                        )
-                    {
-                        kept.append(name, value);
-                    }
-                }
-                if code == 204 || code == 304 {
-                    framing = Framing::Length(0);
-                }
-                if framing == Framing::UntilClose {
-                    reusable = false;
-                }
-                connection.read.advance(len);
+        match parse_head(&connection.read).map_err(Failure::Sent)? {
+            // Interim answers (100 Continue and the like) are skipped; 101 never comes, as no
+            // request asks to switch protocols.
+            Some(head) if (100..200).contains(&head.code) && head.code != 101 => {
+                connection.read.advance(head.len);
+                continue;
+            }
+            Some(head) => {
+                let status = StatusCode::from_u16(head.code)
+                    .map_err(|_| Failure::Sent(format!("the replica sent status {}", head.code)))?;
+                connection.read.advance(head.len);
                 let mut body = ResponseBody {
                     connection: Some(connection),
-                    framing,
-                    reusable,
+                    framing: head.framing,
+                    reusable: head.reusable,
                 };
                 if body.framing == Framing::Length(0) {
                     body.finish();
                 }
                 return Ok(Exchange {
                     status,
-                    headers: kept,
+                    headers: head.headers,
                     body,
                 });
             }
-            Ok(httparse::Status::Partial) if connection.read.len() < MAX_HEAD => {}
-            Ok(httparse::Status::Partial) => {
-                return Err(Failure::Sent("a response head over 64 KiB".into()));
-            }
-            Err(err) => return Err(Failure::Sent(format!("a malformed response head: {err}"))),
+            None => {}
         }
         let before = connection.read.len();
         match poll_fn(|cx| connection.poll_fill(cx)).await {

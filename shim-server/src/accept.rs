@@ -120,10 +120,13 @@ async fn connection(
     let io = TokioIo::new(Rewind { read, inner: tcp });
     let service = TowerToHyperService::new(app);
     let builder = Builder::new(TokioExecutor::new());
-    let served = watcher.watch(
-        builder
-            .serve_connection_with_upgrades(io, service)
-            .into_owned(),
+    // Boxed: only connections handed over pay for hyper's connection state in their task.
+    let served = Box::pin(
+        watcher.watch(
+            builder
+                .serve_connection_with_upgrades(io, service)
+                .into_owned(),
+        ),
     );
     if let Err(err) = served.await {
         tracing::trace!(error = %err, "connection ended with an error");
