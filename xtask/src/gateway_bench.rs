@@ -212,7 +212,9 @@ fn measure_all(rounds: usize) -> anyhow::Result<()> {
     let loadgen = release.join("examples").join("loadgen");
     let nginx = ensure_nginx()?;
     let nofile = raise_nofile_limit();
-    let size = std::fs::metadata(&shim).context("the release binary")?.len();
+    let size = std::fs::metadata(&shim)
+        .context("the release binary")?
+        .len();
     println!(
         "release binary: {:.1} MB ({size} bytes, every plugin in)",
         size as f64 / 1e6
