@@ -29,6 +29,9 @@ use crate::{Gateway, Inbound, Proxied, REQUEST_ID};
 /// Most bytes of a request head the front reads before leaving the request to hyper.
 const MAX_HEAD: usize = 16 * 1024;
 
+/// Most bytes of a request body reserved before they arrive.
+const READ_AHEAD: usize = 1024 * 1024;
+
 /// Most headers in a request the front takes.
 const MAX_HEADERS: usize = 64;
 
@@ -180,10 +183,13 @@ impl Gateway {
             };
             let started = Instant::now();
             let total = head + length;
-            if read.len() < total {
-                read.reserve(total - read.len());
-            }
             while read.len() < total {
+                // Room for what is still to come, at most 1 MiB ahead of what arrived: a
+                // client that only claims a long body does not get that much memory for it.
+                let wanted = (total - read.len()).min(READ_AHEAD);
+                if read.capacity() - read.len() < wanted {
+                    read.reserve(wanted);
+                }
                 if !matches!(stream.read_buf(&mut read).await, Ok(n) if n > 0) {
                     return None;
                 }

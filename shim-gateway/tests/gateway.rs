@@ -468,6 +468,20 @@ async fn routes_by_name_and_id_and_every_replica_serves(server: Server) {
     assert!(metrics.contains("xmod_shim_gateway_in_flight{model=\"llama\"} 0"));
     let per_replica = h.gateway.replica_requests("llama");
     assert_eq!(per_replica.len(), 2, "{per_replica:?}");
+
+    // A long body (1.5 MiB, more than the front reserves ahead at once) arrives whole.
+    let padding = "x".repeat(1536 * 1024);
+    let before = a.requests.load(Ordering::SeqCst) + b.requests.load(Ordering::SeqCst);
+    let response = h
+        .http
+        .post(format!("{}/v1/chat/completions", h.base))
+        .json(&json!({"model": "llama", "messages": [{"role": "user", "content": padding}]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let after = a.requests.load(Ordering::SeqCst) + b.requests.load(Ordering::SeqCst);
+    assert_eq!(after, before + 1);
 }
 
 async fn bad_requests_get_openai_errors_and_never_reach_a_replica(server: Server) {
