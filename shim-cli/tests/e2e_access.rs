@@ -2,7 +2,7 @@
 
 mod common;
 
-use common::{Shim, free_port, get};
+use common::{Reaper, Shim, free_port, get};
 use serde_json::{Value, json};
 
 fn post(shim: &Shim, path: &str, token: Option<&str>, body: &Value) -> (u16, Value) {
@@ -25,6 +25,10 @@ fn viewers_read_operators_change_and_every_change_is_audited() {
     let dir = tempfile::tempdir().unwrap();
     let models = dir.path().join("models");
     std::fs::create_dir_all(models.join("demo")).unwrap();
+    // The operator's deploy starts a mock engine, which outlives the shim by design.
+    let _reaper = Reaper {
+        marker: models.display().to_string(),
+    };
     let config = dir.path().join("shim.yaml");
     std::fs::write(
         &config,
