@@ -23,7 +23,6 @@ use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
-use crate::body::MeteredBody;
 use crate::{Gateway, Inbound, Proxied, REQUEST_ID};
 
 /// Most bytes of a request head the front reads before leaving the request to hyper.
@@ -55,13 +54,6 @@ enum Head {
         close: bool,
         inbound: Inbound,
     },
-}
-
-/// Whether the client asked for the connection to close after this request.
-fn asks_close(value: &[u8]) -> bool {
-    value
-        .split(|b| *b == b',')
-        .any(|t| t.trim_ascii().eq_ignore_ascii_case(b"close"))
 }
 
 fn parse_head(buf: &[u8], max_body: usize) -> Head {
@@ -102,7 +94,7 @@ fn parse_head(buf: &[u8], max_body: usize) -> Head {
         {
             return Head::Foreign;
         } else if name.eq_ignore_ascii_case("connection") {
-            close |= asks_close(header.value);
+            close |= crate::asks_close(header.value);
         } else {
             inbound.header(name, header.value);
         }
@@ -215,24 +207,12 @@ impl Gateway {
             };
             out.clear();
             match outcome {
-                Ok(Proxied {
-                    status,
-                    headers,
-                    body,
-                }) => {
-                    if !self
-                        .answer(
-                            &mut stream,
-                            &mut read,
-                            &mut out,
-                            status,
-                            &headers,
-                            body,
-                            &request_id,
-                            close,
-                        )
-                        .await
-                    {
+                Ok(proxied) => {
+                    let answer = Answer {
+                        request_id: &request_id,
+                        close,
+                    };
+                    if !stream_answer(&mut stream, &mut read, &mut out, proxied, answer).await {
                         return None;
                     }
                 }
@@ -269,77 +249,83 @@ impl Gateway {
             }
         }
     }
+}
 
-    /// Streams a replica's answer to the client: head and body as they come, each write
-    /// carrying everything read from the replica so far. False when the connection cannot go
-    /// on (the client left, or the replica broke off mid-answer and the client must see the
-    /// answer cut).
-    #[allow(clippy::too_many_arguments)]
-    async fn answer(
-        &self,
-        stream: &mut TcpStream,
-        read: &mut BytesMut,
-        out: &mut Vec<u8>,
-        status: StatusCode,
-        headers: &HeaderMap,
-        mut body: MeteredBody,
-        request_id: &str,
-        close: bool,
-    ) -> bool {
-        let length = body.length();
-        let chunked = length.is_none();
-        write_head(out, status, headers, request_id, length, close);
-        // `Some(true)`: the body ended; `Some(false)`: it broke off.
-        let mut ended = None;
-        let push = |next: Option<io::Result<Bytes>>, out: &mut Vec<u8>| match next {
-            Some(Ok(data)) => {
-                if chunked && !data.is_empty() {
-                    let _ = write!(out, "{:x}\r\n", data.len());
-                    out.extend_from_slice(&data);
-                    out.extend_from_slice(b"\r\n");
-                } else {
-                    out.extend_from_slice(&data);
-                }
-                None
+/// How the answer to one request is to be written.
+struct Answer<'a> {
+    request_id: &'a str,
+    /// The client asked for the connection to close after it.
+    close: bool,
+}
+
+/// Streams a replica's answer to the client: head and body as they come, each write
+/// carrying everything read from the replica so far. False when the connection cannot go
+/// on (the client left, or the replica broke off mid-answer and the client must see the
+/// answer cut).
+async fn stream_answer(
+    stream: &mut TcpStream,
+    read: &mut BytesMut,
+    out: &mut Vec<u8>,
+    Proxied {
+        status,
+        headers,
+        mut body,
+    }: Proxied,
+    Answer { request_id, close }: Answer<'_>,
+) -> bool {
+    let length = body.length();
+    let chunked = length.is_none();
+    write_head(out, status, &headers, request_id, length, close);
+    // `Some(true)`: the body ended; `Some(false)`: it broke off.
+    let mut ended = None;
+    let push = |next: Option<io::Result<Bytes>>, out: &mut Vec<u8>| match next {
+        Some(Ok(data)) => {
+            if chunked && !data.is_empty() {
+                let _ = write!(out, "{:x}\r\n", data.len());
+                out.extend_from_slice(&data);
+                out.extend_from_slice(b"\r\n");
+            } else {
+                out.extend_from_slice(&data);
             }
-            None => {
-                if chunked {
-                    out.extend_from_slice(b"0\r\n\r\n");
-                }
-                Some(true)
+            None
+        }
+        None => {
+            if chunked {
+                out.extend_from_slice(b"0\r\n\r\n");
             }
-            Some(Err(_)) => Some(false),
-        };
-        loop {
-            while ended.is_none()
-                && let Some(next) = body.buffered()
-            {
-                ended = push(next, out);
+            Some(true)
+        }
+        Some(Err(_)) => Some(false),
+    };
+    loop {
+        while ended.is_none()
+            && let Some(next) = body.buffered()
+        {
+            ended = push(next, out);
+        }
+        if !out.is_empty() {
+            if stream.write_all(out).await.is_err() {
+                return false;
             }
-            if !out.is_empty() {
-                if stream.write_all(out).await.is_err() {
-                    return false;
-                }
-                out.clear();
+            out.clear();
+        }
+        if let Some(done) = ended {
+            return done;
+        }
+        let next = poll_fn(|cx| {
+            if let Poll::Ready(next) = body.poll_data(cx) {
+                return Poll::Ready(Some(next));
             }
-            if let Some(done) = ended {
-                return done;
+            if poll_client_gone(stream, read, cx) {
+                return Poll::Ready(None);
             }
-            let next = poll_fn(|cx| {
-                if let Poll::Ready(next) = body.poll_data(cx) {
-                    return Poll::Ready(Some(next));
-                }
-                if poll_client_gone(stream, read, cx) {
-                    return Poll::Ready(None);
-                }
-                Poll::Pending
-            })
-            .await;
-            match next {
-                Some(next) => ended = push(next, out),
-                // Dropping the body closes the replica's connection: the generation stops.
-                None => return false,
-            }
+            Poll::Pending
+        })
+        .await;
+        match next {
+            Some(next) => ended = push(next, out),
+            // Dropping the body closes the replica's connection: the generation stops.
+            None => return false,
         }
     }
 }

@@ -395,6 +395,14 @@ fn is_forwarded(name: &str) -> bool {
             .any(|n| name.eq_ignore_ascii_case(n)))
 }
 
+/// Whether a `Connection` header's value has the `close` token: the connection ends after this
+/// message.
+pub(crate) fn asks_close(value: &[u8]) -> bool {
+    value
+        .split(|b| *b == b',')
+        .any(|t| t.trim_ascii().eq_ignore_ascii_case(b"close"))
+}
+
 /// Headers that describe one connection, not the message: never forwarded either way.
 pub(crate) fn is_hop_by_hop_name(name: &str) -> bool {
     [

@@ -377,13 +377,7 @@ fn parse_head(read: &[u8]) -> Result<Option<Head>, String> {
                 framing = Framing::UntilClose;
             }
         } else if name.eq_ignore_ascii_case("connection") {
-            if header
-                .value
-                .split(|b| *b == b',')
-                .any(|t| t.trim_ascii().eq_ignore_ascii_case(b"close"))
-            {
-                reusable = false;
-            }
+            reusable &= !crate::asks_close(header.value);
         } else if !crate::is_hop_by_hop_name(name)
             && let (Ok(name), Ok(value)) = (
                 HeaderName::from_bytes(name.as_bytes()),
@@ -682,6 +676,16 @@ mod tests {
         (base, task)
     }
 
+    /// A bodiless POST to `target`.
+    fn post(target: &'static str) -> Outgoing<'static> {
+        Outgoing {
+            method: "POST",
+            target,
+            headers: b"",
+            body: b"",
+        }
+    }
+
     async fn read_all(body: &mut ResponseBody) -> io::Result<Vec<u8>> {
         let mut all = Vec::new();
         while let Some(data) = poll_fn(|cx| body.poll_data(cx)).await {
@@ -704,10 +708,9 @@ mod tests {
             .await;
             let upstreams = Upstreams::default();
             let request = Outgoing {
-                method: "POST",
-                target: "/v1/chat/completions",
                 headers: b"x-request-id: abc\r\n",
                 body: b"{}",
+                ..post("/v1/chat/completions")
             };
             let mut first = upstreams.send(&base, request).await.unwrap();
             assert_eq!(first.status, 200);
@@ -765,12 +768,7 @@ mod tests {
                 .unwrap();
         });
         let upstreams = Upstreams::default();
-        let request = Outgoing {
-            method: "POST",
-            target: "/x",
-            headers: b"",
-            body: b"",
-        };
+        let request = post("/x");
         let mut first = upstreams.send(&base, request).await.unwrap();
         assert_eq!(read_all(&mut first.body).await.unwrap(), b"ok");
         // Let the close reach this side, then send again: a new connection carries it.
@@ -788,12 +786,7 @@ mod tests {
             listener.local_addr().unwrap().port()
         };
         let upstreams = Upstreams::default();
-        let request = Outgoing {
-            method: "POST",
-            target: "/x",
-            headers: b"",
-            body: b"",
-        };
+        let request = post("/x");
         let err = upstreams
             .send(&format!("http://127.0.0.1:{port}"), request)
             .await
